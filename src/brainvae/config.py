@@ -1,0 +1,147 @@
+"""Frozen, validated configuration dataclasses and their TOML round trip.
+
+Every prepared dataset and every run saves its resolved config as TOML beside
+its outputs; ``load_config`` rebuilds the exact dataclass, rejecting unknown
+keys so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+from .errors import BrainVAEError
+
+T = TypeVar("T")
+
+AXES = ("axial", "coronal", "sagittal")
+NORMALISATIONS = ("percentile", "zscore")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How 3-D volumes become a 2-D slice store (``brainvae data prepare``)."""
+
+    modality: str = "T1"
+    axis: str = "axial"
+    size: int = 128  # output slices are size x size pixels
+    # In-plane and through-plane spacing in mm; None -> fov_mm / size.
+    spacing: float | None = None
+    fov_mm: float = 192.0
+    # Slice selection (all conditions must hold):
+    #   position_range: fraction of the brain's extent along the axis, 0 = inferior/posterior/left end
+    #   index_range: slice indices in the output grid (None = all)
+    #   min_brain: minimum fraction of the slice covered by brain
+    position_range: tuple[float, float] = (0.0, 1.0)
+    index_range: tuple[int, int] | None = None
+    min_brain: float = 0.05
+    skull_strip: bool = True  # apply brain masks when they are given
+    n4: bool = False  # N4 bias-field correction (SimpleITK)
+    register: bool = False  # affine registration to the MNI152 template
+    normalisation: str = "percentile"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    # Subject-level split, stratified by sex and age band.
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    age_bands: tuple[float, ...] = (40.0, 60.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.axis in AXES, f"axis must be one of {AXES}, got {self.axis!r}")
+        _check(8 <= self.size <= 1024, f"size must be in [8, 1024], got {self.size}")
+        _check(self.spacing is None or self.spacing > 0, "spacing must be positive")
+        _check(self.fov_mm > 0, "fov_mm must be positive")
+        lo, hi = self.position_range
+        _check(0.0 <= lo < hi <= 1.0, f"position_range must satisfy 0 <= lo < hi <= 1, got {self.position_range}")
+        if self.index_range is not None:
+            _check(0 <= self.index_range[0] < self.index_range[1], f"bad index_range {self.index_range}")
+        _check(0.0 <= self.min_brain < 1.0, "min_brain must be in [0, 1)")
+        _check(self.normalisation in NORMALISATIONS, f"normalisation must be one of {NORMALISATIONS}")
+        plo, phi = self.percentiles
+        _check(0.0 <= plo < phi <= 100.0, f"bad percentiles {self.percentiles}")
+        _check(len(self.split_ratios) == 3 and all(r >= 0 for r in self.split_ratios)
+               and abs(sum(self.split_ratios) - 1.0) < 1e-6, "split_ratios must be 3 non-negative numbers summing to 1")
+        _check(list(self.age_bands) == sorted(self.age_bands), "age_bands must be increasing")
+
+    @property
+    def voxel_mm(self) -> float:
+        return self.spacing if self.spacing is not None else self.fov_mm / self.size
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BrainVAEError(f"invalid config: {message}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A TOML-serialisable dict (None values dropped: TOML has no null)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        if v is not None:
+            out[f.name] = v
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build ``cls`` from a dict, converting lists to tuples and refusing unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BrainVAEError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{source}[{key}]")
+        elif isinstance(value, list) and _is_tuple(hint):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # wrong types reach the constructor
+        raise BrainVAEError(f"{source}: {exc}") from exc
+
+
+def _is_tuple(hint: Any) -> bool:
+    if typing.get_origin(hint) is tuple:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_tuple(a) for a in typing.get_args(hint))
+    return False
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write ``cfg`` as TOML atomically."""
+    from .io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, tomli_w.dumps(to_dict(cfg)).encode())
+
+
+def load_config(cls: type[T], path: Path) -> T:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BrainVAEError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BrainVAEError(f"{path}: not valid TOML ({exc})") from None
+    return from_dict(cls, data, str(path))
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that ignores None (unset CLI options)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+__all__ = ["PrepareConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field"]

@@ -1,0 +1,260 @@
+"""From one 3-D volume to normalised 2-D slices: pure functions, one volume at a time.
+
+Pipeline (``prepare_volume``):
+  load + header checks (nibabel) -> brain mask (given, or the image's support)
+  -> optional N4 bias-field correction (SimpleITK)
+  -> optional affine registration to the MNI152 2009 template (SimpleITK)
+  -> ONE resampling (SimpleITK, linear) onto an output grid that is aligned with
+     RAS, has the requested spacing, is centred on the brain and already laid
+     out as (slice, row, col) in the display convention below
+  -> intensity normalisation by robust percentiles inside the brain -> [0, 1]
+  -> skull stripping (background 0) -> slice selection.
+
+Display convention, used everywhere in brainvae: rows run from anterior (axial)
+or superior (coronal, sagittal) at the top; columns show the patient's right on
+the image's left for axial and coronal slices (radiological convention) and
+anterior on the left for sagittal slices. Slices are ordered inferior ->
+superior (axial), posterior -> anterior (coronal), right -> left (sagittal).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..config import PrepareConfig
+from ..errors import InputFileError
+from ..io.nifti import Volume, load_mask, load_volume
+from ..io.scan import Scan
+
+# Output grid axes (col, row, slice) as directions in SimpleITK's LPS world.
+_GRID_DIRECTIONS = {
+    "axial": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),  # col -> patient left, row -> posterior, slice -> superior
+    "coronal": ((1, 0, 0), (0, 0, -1), (0, -1, 0)),  # col -> left, row -> inferior, slice -> anterior
+    "sagittal": ((0, 1, 0), (0, 0, -1), (1, 0, 0)),  # col -> posterior, row -> inferior, slice -> left
+}
+
+
+@dataclass
+class PreparedVolume:
+    """The selected slices of one volume, ready for the store."""
+
+    slices: np.ndarray  # (n, H, W) float32 in [0, 1]
+    brain: np.ndarray  # (n, H, W) uint8 brain mask
+    lesion: np.ndarray | None  # (n, H, W) uint8 lesion mask, or None
+    slice_index: np.ndarray  # (n,) index in the output grid along the axis
+    position: np.ndarray  # (n,) position within the brain's extent, 0..1
+    brain_fraction: np.ndarray  # (n,) fraction of the slice that is brain
+    checksum: str  # sha256 of the source image file
+    stats: dict  # per-volume numbers for the manifest (percentiles, N4, registration)
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image with the geometry of a nibabel (X, Y, Z) array and RAS affine."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # sitk wants (Z, Y, X)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    img.SetSpacing(tuple(float(z) for z in zooms))
+    img.SetDirection(tuple((ras_to_lps @ (affine[:3, :3] / zooms)).ravel()))
+    img.SetOrigin(tuple(ras_to_lps @ affine[:3, 3]))
+    return img
+
+
+def foreground_mask(data: np.ndarray) -> np.ndarray:
+    """Support of an image: voxels above a small fraction of its robust maximum, holes filled.
+
+    Used as the brain mask of skull-stripped data (BraTS), and as a head mask
+    when no brain mask is given (then intensities are normalised over the head).
+    """
+    p99 = np.percentile(data[data > 0], 99) if np.any(data > 0) else 0.0
+    mask = data > 0.05 * p99
+    mask = ndimage.binary_opening(mask, iterations=1)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return ndimage.binary_fill_holes(mask)
+
+
+def n4_correct(image: sitk.Image, mask: sitk.Image, *, target_mm: float = 4.0, iterations=(50, 40, 30)) -> sitk.Image:
+    """N4 bias-field correction (Tustison et al. 2010), fitted on a shrunk copy and applied at full resolution."""
+    shrink = [max(1, int(round(target_mm / s))) for s in image.GetSpacing()]
+    small = sitk.Shrink(image, shrink)
+    small_mask = sitk.Shrink(mask, shrink)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(iterations))
+    n4.Execute(small, small_mask)
+    log_bias = n4.GetLogBiasFieldAsImage(image)
+    return image / sitk.Exp(log_bias)
+
+
+@functools.lru_cache(maxsize=1)
+def mni_template(spacing_mm: float = 2.0) -> tuple[sitk.Image, np.ndarray]:
+    """The MNI152 2009 T1 brain template shipped inside nilearn (no download), and its brain centre (LPS mm)."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    mask = datasets.load_mni152_brain_mask(resolution=1)
+    image = to_sitk(t1.get_fdata(dtype=np.float32), t1.affine)
+    factor = max(1, int(round(spacing_mm)))
+    image = sitk.Shrink(sitk.SmoothingRecursiveGaussian(image, 0.5 * factor), [factor] * 3)
+    m = mask.get_fdata() > 0
+    centre_ras = (mask.affine @ np.append(np.argwhere(m).mean(axis=0), 1.0))[:3]
+    return image, np.array([-centre_ras[0], -centre_ras[1], centre_ras[2]])
+
+
+def register_to_mni(image: sitk.Image, mask: sitk.Image, *, seed: int = 0) -> tuple[sitk.Transform, float]:
+    """Affine registration of a brain (masked) image to the MNI152 template.
+
+    Mattes mutual information, three resolution levels, initialised by moments.
+    Returns the transform (MNI -> image, SimpleITK's convention) and the final metric.
+    """
+    fixed, _ = mni_template()
+    moving = sitk.Cast(image * sitk.Cast(mask, image.GetPixelID()), sitk.sitkFloat32)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.15, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
+                                                 gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(init, inPlace=False)
+    transform = reg.Execute(fixed, moving)
+    return transform, float(reg.GetMetricValue())
+
+
+def output_grid(centre_lps: np.ndarray, axis: str, size: int, spacing: float, first: int, n_slices: int) -> sitk.Image:
+    """A reference grid of ``size x size`` pixels and ``n_slices`` slices starting at grid index ``first``.
+
+    The full grid is a cube of ``size`` slices centred on ``centre_lps``;
+    only slices ``first .. first + n_slices - 1`` are built.
+    """
+    direction = np.array(_GRID_DIRECTIONS[axis], dtype=float).T  # columns: col, row, slice axes
+    half = spacing * (size - 1) / 2.0
+    origin = centre_lps - direction @ np.array([half, half, half]) + direction[:, 2] * spacing * first
+    ref = sitk.Image(size, size, n_slices, sitk.sitkFloat32)
+    ref.SetSpacing((spacing,) * 3)
+    ref.SetDirection(tuple(direction.ravel()))
+    ref.SetOrigin(tuple(origin))
+    return ref
+
+
+def _brain_slice_range(points_lps: np.ndarray, centre_lps: np.ndarray, axis: str, size: int, spacing: float) -> tuple[int, int]:
+    """Grid slice indices [first, last] that the brain points cover, clipped to the cube."""
+    normal = np.array(_GRID_DIRECTIONS[axis][2], dtype=float)
+    offsets = (points_lps - centre_lps) @ normal / spacing + (size - 1) / 2.0
+    first = int(np.clip(np.floor(offsets.min()), 0, size - 1))
+    last = int(np.clip(np.ceil(offsets.max()), 0, size - 1))
+    return first, last
+
+
+def _voxels_to_lps(mask: np.ndarray, affine: np.ndarray, stride: int = 2) -> np.ndarray:
+    ijk = np.argwhere(mask[::stride, ::stride, ::stride]) * stride
+    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return ras * np.array([-1.0, -1.0, 1.0])
+
+
+def normalise(volume: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, float, float]:
+    """Map robust percentiles inside the brain to [0, 1], clipping outside them."""
+    values = volume[brain]
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    if hi <= lo:
+        hi = lo + 1e-6
+    return np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), lo, hi
+
+
+def select_slices(brain: np.ndarray, first: int, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices into ``brain`` (n, H, W) that pass the slice-selection rules, with positions and brain fractions."""
+    fraction = brain.reshape(len(brain), -1).mean(axis=1)
+    has_brain = np.flatnonzero(fraction > 0)
+    if len(has_brain) == 0:
+        return np.array([], dtype=int), np.array([]), np.array([])
+    lo_k, hi_k = has_brain[0], has_brain[-1]
+    position = (np.arange(len(brain)) - lo_k) / max(hi_k - lo_k, 1)
+    keep = (fraction >= max(cfg.min_brain, 1e-9)) & (position >= cfg.position_range[0]) & (position <= cfg.position_range[1])
+    if cfg.index_range is not None:
+        grid_index = first + np.arange(len(brain))
+        keep &= (grid_index >= cfg.index_range[0]) & (grid_index < cfg.index_range[1])
+    keep = np.flatnonzero(keep)
+    return keep, position[keep], fraction[keep]
+
+
+def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
+    """Run the whole per-volume pipeline (see the module docstring)."""
+    vol = load_volume(scan.image)
+    stats: dict = {}
+    if scan.mask is not None and cfg.skull_strip:
+        brain = load_mask(scan.mask, vol)
+        stats["mask_source"] = "given"
+    else:
+        brain = foreground_mask(vol.data)
+        stats["mask_source"] = "image support" if scan.dataset == "brats" else "head (no brain mask)"
+        if not brain.any():
+            raise InputFileError(scan.image, "no foreground found to normalise")
+    lesion = load_mask(scan.lesion, vol, what="lesion mask") if scan.lesion is not None else None
+
+    image = to_sitk(vol.data, vol.affine)
+    mask_img = to_sitk(brain.astype(np.uint8), vol.affine)
+    if cfg.n4:
+        image = n4_correct(image, mask_img)
+    spacing = cfg.voxel_mm
+    if cfg.register:
+        transform, metric = register_to_mni(image, mask_img, seed=cfg.seed)
+        stats["registration_metric"] = metric
+        _, centre = mni_template()
+        # The template's brain fills a known slab; map the subject's brain into MNI to find it.
+        inverse = transform.GetInverse()
+        points = np.array([inverse.TransformPoint(tuple(p)) for p in _voxels_to_lps(brain, vol.affine, stride=4)])
+    else:
+        transform = sitk.Transform()  # identity
+        points = _voxels_to_lps(brain, vol.affine)
+        centre = points.mean(axis=0)
+    first, last = _brain_slice_range(points, centre, cfg.axis, cfg.size, spacing)
+    ref = output_grid(centre, cfg.axis, cfg.size, spacing, first, last - first + 1)
+
+    def resample(img: sitk.Image) -> np.ndarray:
+        out = sitk.Resample(img, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(out)  # (n_slices, H, W)
+
+    grid_image = resample(image)
+    grid_brain = resample(mask_img) > 0.5
+    if not grid_brain.any():
+        raise InputFileError(scan.image, "the brain falls outside the output field of view")
+    slices, lo, hi = normalise(grid_image, grid_brain, cfg.percentiles)
+    if cfg.skull_strip:
+        slices *= grid_brain
+    stats.update(p_lo=lo, p_hi=hi)
+    keep, position, fraction = select_slices(grid_brain, first, cfg)
+    grid_lesion = None
+    if lesion is not None:
+        grid_lesion = (resample(to_sitk(lesion.astype(np.float32), vol.affine)) > 0.5).astype(np.uint8)[keep]
+    return PreparedVolume(
+        slices=slices[keep],
+        brain=grid_brain[keep].astype(np.uint8),
+        lesion=grid_lesion,
+        slice_index=first + keep,
+        position=position.astype(np.float32),
+        brain_fraction=fraction.astype(np.float32),
+        checksum=sha256(scan.image),
+        stats=stats,
+    )
