@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/brainvae demo --out demo_out --force
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py

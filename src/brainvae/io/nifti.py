@@ -56,10 +56,23 @@ def load_image(path: Path) -> nib.Nifti1Image:
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputFileError(path, f"truncated or corrupt gzip ({exc})") from None
     except nib.filebasedimages.ImageFileError as exc:
+        if path.name.lower().endswith(".gz") and (gz_problem := _gzip_problem(path)):
+            raise InputFileError(path, f"truncated or corrupt gzip ({gz_problem})") from None
         raise InputFileError(path, f"not a readable NIfTI image ({exc})") from None
     except (OSError, ValueError) as exc:
         raise InputFileError(path, f"cannot read image data ({exc})") from None
     return img
+
+
+def _gzip_problem(path: Path) -> str | None:
+    """Why a .gz file does not decompress, or None if it does."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def check_image(img: nib.Nifti1Image, path: Path, *, allow_empty: bool = False) -> np.ndarray:

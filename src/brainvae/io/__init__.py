@@ -1,0 +1,1 @@
+"""Reading, writing and downloading brain MR data."""

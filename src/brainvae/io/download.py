@@ -1,0 +1,333 @@
+"""Download and unpack the official IXI dataset archives.
+
+Downloads use only :mod:`urllib`. A file is written to ``<name>.part`` first,
+resumed with an HTTP ``Range`` request after an interruption, checked against
+the server's size (and an optional SHA-256), and only then renamed to its
+final name, so a file under its final name is always complete.
+
+Archives are unpacked by :func:`safe_extract`, which refuses any member that
+could write outside the destination before extracting anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from urllib.error import HTTPError
+from urllib.parse import urljoin
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import BrainVAEError, InputFileError
+
+IXI_BASE_URL = "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
+IXI_MODALITIES = ("T1", "T2", "PD", "MRA", "DTI")
+IXI_SPREADSHEET = "IXI.xls"
+MANIFEST_NAME = "download.json"
+
+_CHUNK_BYTES = 1 << 20
+_RETRY_DELAY_S = 1.0  # waits 1 s, 2 s, 3 s ... between attempts
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+log = logging.getLogger(__name__)
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    expected_size: int | None = None,
+    progress: bool = True,
+    timeout: float = 60,
+    retries: int = 3,
+) -> Path:
+    """Download ``url`` to ``dest`` and return ``dest``.
+
+    An existing ``dest`` is kept without downloading when it matches
+    ``expected_size`` and ``sha256`` (those given); a file under the final name
+    is only ever created by a verified download. Data goes to ``dest.part``
+    first; a leftover ``.part`` is resumed with a ``Range`` request, and a
+    dropped connection is retried (resuming) up to ``retries`` times.
+
+    Raises:
+        InputFileError: the download does not match the server's
+            Content-Length, ``expected_size`` or ``sha256``; the corrupt
+            data is deleted.
+        BrainVAEError: the server refuses the request (HTTP 4xx) or the
+            download still fails after ``retries`` retries.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        if _matches(dest, expected_size, sha256):
+            log.info("%s already downloaded; skipping", dest)
+            return dest
+        log.warning("%s does not match the expected size or checksum; downloading again", dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+
+    attempt = 0
+    while True:
+        try:
+            server_size = _fetch(url, part, timeout=timeout, progress=progress, desc=dest.name)
+            break
+        except HTTPError as exc:
+            if exc.code < 500:
+                raise BrainVAEError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from exc
+            error: Exception = exc
+        except (OSError, http.client.HTTPException) as exc:
+            error = exc
+        attempt += 1
+        if attempt > retries:
+            raise BrainVAEError(
+                f"could not download {url} after {attempt} attempts: {error}; "
+                f"run again to resume from {part}"
+            ) from error
+        log.warning("download of %s interrupted (%s); retry %d of %d", url, error, attempt, retries)
+        time.sleep(_RETRY_DELAY_S * attempt)
+
+    size = part.stat().st_size
+    checks = (("the server's Content-Length", server_size), ("the expected size", expected_size))
+    for label, expected in checks:
+        if expected is not None and size != expected:
+            part.unlink()
+            problem = f"downloaded {size} bytes from {url} but {label} is {expected} bytes"
+            raise InputFileError(dest, problem + "; deleted the download")
+    if sha256 is not None:
+        actual = file_sha256(part)
+        if actual != sha256.lower():
+            part.unlink()
+            problem = f"SHA-256 of the download from {url} is {actual}, expected {sha256.lower()}"
+            raise InputFileError(dest, problem + "; deleted the download")
+    os.replace(part, dest)
+    return dest
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches(path: Path, size: int | None, sha256: str | None) -> bool:
+    """Whether ``path`` has the given size and SHA-256 (each only if given)."""
+    if size is not None and path.stat().st_size != size:
+        return False
+    return sha256 is None or file_sha256(path) == sha256.lower()
+
+
+def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -> int | None:
+    """Make one request that appends the rest of ``url`` to ``part``.
+
+    Returns the full size the server announced (None if it did not say).
+    Raises ``ConnectionError`` when the connection ends early, so that the
+    caller retries and resumes.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": f"brainvae/{__version__}"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as exc:
+        if exc.code != 416 or not offset:
+            raise
+        # Range not satisfiable: the .part already holds the whole file, or is bogus.
+        _, total = _parse_content_range(exc.headers.get("Content-Range"))
+        if total is None or total == offset:
+            return offset
+        part.unlink()
+        raise ConnectionError(f"partial download is larger than the file on the server ({total} B); restarting")
+
+    with response:
+        if offset and response.status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink()
+                raise ConnectionError(f"server sent bytes from {start} instead of {offset}; restarting")
+            mode = "ab"
+        else:
+            if offset:
+                log.info("server ignored the Range request for %s; downloading from the start", url)
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            mode = "wb"
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
+        )
+        with open(part, mode) as fh, bar:
+            while chunk := response.read(_CHUNK_BYTES):
+                fh.write(chunk)
+                bar.update(len(chunk))
+
+    received = part.stat().st_size
+    if total is not None and received < total:
+        raise ConnectionError(f"connection closed after {received} of {total} bytes")
+    return total
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """Parse ``bytes START-END/TOTAL`` or ``bytes */TOTAL`` into (start, total)."""
+    match = _CONTENT_RANGE.fullmatch(value.strip()) if value else None
+    if match is None:
+        return None, None
+    start, total = match.groups()
+    return (int(start) if start else None), (int(total) if total != "*" else None)
+
+
+def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
+    """Extract a ``.tar`` or ``.tar.gz`` into ``dest`` and return the extracted files.
+
+    Every member is checked before anything is written: absolute paths,
+    ``..`` components, links pointing outside ``dest`` and device files are
+    refused. Extraction (with tarfile's ``"data"`` filter as a second line of
+    defence) goes to a temporary sibling folder; a new ``dest`` is then
+    created by one rename, and members are moved into an existing ``dest``
+    one by one, so no half-written file ever appears under its final name.
+
+    Returns:
+        The paths of the extracted regular files, in archive order.
+
+    Raises:
+        InputFileError: the archive is missing, unreadable or truncated, or
+            holds an unsafe member.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    if not tar_path.is_file():
+        raise InputFileError(tar_path, "no such file")
+    unreadable = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                reason = _unsafe_reason(member)
+                if reason:
+                    raise InputFileError(tar_path, f"unsafe member '{member.name}': {reason}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".extracting"))
+            try:
+                try:
+                    tar.extractall(tmp, filter="data")
+                except tarfile.FilterError as exc:
+                    raise InputFileError(tar_path, f"unsafe member '{exc.tarinfo.name}': {exc}") from exc
+                _move_into(tmp, dest, members)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except unreadable as exc:
+        raise InputFileError(tar_path, f"not a readable tar archive ({exc})") from exc
+    return [dest / member.name for member in members if member.isfile()]
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
+    """Why extracting ``member`` could escape the destination, or None if it is safe."""
+    if PurePosixPath(member.name).is_absolute():
+        return "absolute path"
+    if ".." in PurePosixPath(member.name).parts:
+        return "path traversal ('..')"
+    if member.isdev():
+        return "device or special file"
+    if member.issym() or member.islnk():
+        # Symlink targets are relative to the link's folder, hard links to the archive root.
+        base = posixpath.dirname(member.name) if member.issym() else ""
+        target = posixpath.normpath(posixpath.join(base, member.linkname))
+        if posixpath.isabs(member.linkname) or target == ".." or target.startswith("../"):
+            return f"link to '{member.linkname}' points outside the destination"
+    return None
+
+
+def _move_into(tmp: Path, dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """Move the extracted tree ``tmp`` to ``dest``: one rename if ``dest`` is new, else member by member."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    for name in dict.fromkeys(member.name for member in members):
+        source, target = tmp / name, dest / name
+        if source.is_dir() and not source.is_symlink():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+
+
+def download_ixi(
+    modality: str,
+    dest: Path,
+    *,
+    base_url: str = IXI_BASE_URL,
+    extract: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Download ``IXI-<MOD>.tar`` and ``IXI.xls`` into ``dest`` and unpack the archive.
+
+    Files already downloaded completely are kept. The archive is extracted to
+    ``dest/IXI-<MOD>/`` unless that folder exists; ``force`` extracts again
+    (over it). ``dest/download.json`` records the URL, size and SHA-256 of
+    each file and when it was recorded.
+
+    Returns:
+        ``{"archive", "spreadsheet", "manifest"}`` paths, plus ``"images"``
+        (the extracted folder) when ``extract`` is true.
+
+    Raises:
+        BrainVAEError: ``modality`` is not an IXI modality, or a download fails.
+    """
+    mod = modality.upper()
+    if mod not in IXI_MODALITIES:
+        raise BrainVAEError(f"unknown IXI modality {modality!r}; choose one of {', '.join(IXI_MODALITIES)}")
+    dest = Path(dest)
+    base_url = base_url if base_url.endswith("/") else base_url + "/"
+    urls = {name: urljoin(base_url, name) for name in (f"IXI-{mod}.tar", IXI_SPREADSHEET)}
+    paths = {name: download_file(url, dest / name, progress=progress) for name, url in urls.items()}
+
+    result = {"archive": paths[f"IXI-{mod}.tar"], "spreadsheet": paths[IXI_SPREADSHEET]}
+    if extract:
+        images = dest / f"IXI-{mod}"
+        if images.exists() and not force:
+            log.info("%s already extracted; skipping (use force to extract again)", images)
+        else:
+            safe_extract(result["archive"], images)
+        result["images"] = images
+    result["manifest"] = _record_downloads(dest / MANIFEST_NAME, urls, paths)
+    return result
+
+
+def _record_downloads(manifest: Path, urls: dict[str, str], paths: dict[str, Path]) -> Path:
+    """Add the given files to ``manifest`` (JSON), keeping entries for other files."""
+    entries: dict = {}
+    if manifest.exists():
+        try:
+            entries = json.loads(manifest.read_text()).get("files", {})
+        except (ValueError, AttributeError):
+            log.warning("%s is not valid JSON; rewriting it", manifest)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for name, path in paths.items():
+        size, digest = path.stat().st_size, file_sha256(path)
+        entries[name] = {"url": urls[name], "size": size, "sha256": digest, "date": now}
+    manifest.write_text(json.dumps({"files": entries}, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,171 @@
+"""Preprocessing, slice selection, splits and the slice store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainvae.config import PrepareConfig, load_config, save_config
+from brainvae.data.prepare import prepare_dataset
+from brainvae.data.preprocess import normalise, prepare_volume, select_slices
+from brainvae.data.split import assign_splits
+from brainvae.data.store import SliceStore
+from brainvae.errors import BrainVAEError, OutputExistsError
+from brainvae.io.scan import Scan, find_scans
+
+from conftest import head_phantom, psr_affine, write_nifti
+
+TINY = PrepareConfig(size=16, spacing=6.0, min_brain=0.05)
+
+
+def _marker_scan(tmp_path, marker_ras_sign):
+    """A head stored PSR with a bright marker displaced towards ``marker_ras_sign`` (R, A, S signs)."""
+    shape = (24, 24, 20)
+    image, brain = head_phantom(shape)
+    affine = psr_affine(shape)
+    world = np.array(marker_ras_sign, float) * 25.0  # mm, inside the 0.7-radius brain
+    ijk = np.round(np.linalg.solve(affine[:3, :3], world - affine[:3, 3])).astype(int)
+    image[tuple(slice(c - 1, c + 2) for c in ijk)] = 1000.0
+    img = write_nifti(tmp_path / "IXI001-HH-0001-T1.nii.gz", image, affine)
+    mask = write_nifti(tmp_path / "m" / "IXI001-HH-0001-T1_mask.nii.gz", brain, affine)
+    return Scan("IXI001", img, "T1", "ixi", "HH", mask=mask)
+
+
+@pytest.mark.parametrize("axis, expect", [
+    # marker at patient right-anterior-superior; where it must appear (row half, col half, slice half)
+    ("axial", ("top", "left", "high")),  # anterior up, patient right on the image left, superior = later slice
+    ("coronal", ("top", "left", "high")),  # superior up, right on the left, anterior = later slice
+    ("sagittal", ("top", "left", "low")),  # superior up, anterior on the left, right = earlier slice
+])
+def test_display_convention(tmp_path, axis, expect):
+    scan = _marker_scan(tmp_path, (1, 1, 1))
+    pv = prepare_volume(scan, PrepareConfig(size=24, spacing=4.0, axis=axis, min_brain=0.0,
+                                                skull_strip=False, percentiles=(0.0, 100.0)))
+    k, r, c = np.unravel_index(np.argmax(pv.slices), pv.slices.shape)
+    grid_k = pv.slice_index[k]
+    assert ("top" if r < 12 else "bottom") == expect[0]
+    assert ("left" if c < 12 else "right") == expect[1]
+    assert ("low" if grid_k < 12 else "high") == expect[2]
+
+
+def test_prepare_volume_normalises_inside_brain(tmp_path):
+    scan = _marker_scan(tmp_path, (0, 0, 0))
+    pv = prepare_volume(scan, TINY)
+    assert pv.slices.dtype == np.float32 and pv.slices.shape[1:] == (16, 16)
+    assert pv.slices.min() >= 0 and pv.slices.max() <= 1
+    assert np.all(pv.slices[pv.brain == 0] == 0)  # skull-stripped background is 0
+    assert np.all(pv.brain_fraction >= TINY.min_brain)
+    assert len(pv.checksum) == 64
+
+
+def test_normalise_percentiles():
+    vol = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    brain = np.ones_like(vol, bool)
+    out, lo, hi = normalise(vol, brain, (1, 99))
+    assert lo == pytest.approx(9.99) and hi == pytest.approx(989.01)
+    assert out.min() == 0 and out.max() == 1 and out[5, 0, 0] == pytest.approx((500 - lo) / (hi - lo))
+
+
+def test_select_slices_rules():
+    brain = np.zeros((10, 4, 4), bool)
+    brain[2:8, :2, :2] = True  # 25 % brain in slices 2..7
+    brain[2, 0, 1:] = False  # slice 2 has less brain
+    keep, pos, frac = select_slices(brain, first=0, cfg=PrepareConfig(min_brain=0.2))
+    assert list(keep) == [3, 4, 5, 6, 7]
+    keep, pos, _ = select_slices(brain, first=0, cfg=PrepareConfig(min_brain=0.0, position_range=(0.4, 1.0)))
+    assert list(keep) == [4, 5, 6, 7] and pos[0] == pytest.approx(0.4)
+    keep, _, _ = select_slices(brain, first=10, cfg=PrepareConfig(min_brain=0.0, index_range=(13, 15)))
+    assert list(keep) == [3, 4]
+
+
+def _subjects(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"sex": rng.choice(["M", "F", None], n, p=[0.45, 0.45, 0.1]),
+                         "age": np.where(rng.random(n) < 0.1, np.nan, rng.uniform(20, 85, n))},
+                        index=[f"S{i:03d}" for i in range(n)])
+
+
+def test_split_ratios_determinism_and_strata():
+    subjects = _subjects()
+    split = assign_splits(subjects, (0.7, 0.15, 0.15), (40, 60), seed=1)
+    assert split.notna().all()
+    counts = split.value_counts()
+    assert abs(counts["train"] - 42) <= 2 and abs(counts["val"] - 9) <= 2 and abs(counts["test"] - 9) <= 2
+    assert split.equals(assign_splits(subjects, (0.7, 0.15, 0.15), (40, 60), seed=1))
+    assert not split.equals(assign_splits(subjects, (0.7, 0.15, 0.15), (40, 60), seed=2))
+    # both sexes reach the test split
+    assert set(subjects.loc[split == "test", "sex"].dropna()) == {"M", "F"}
+
+
+def test_split_small_cohort_fills_every_split():
+    split = assign_splits(_subjects(3), (0.8, 0.1, 0.1), (40, 60), seed=0)
+    assert sorted(split) == ["test", "train", "val"]
+
+
+def test_prepare_dataset_store_round_trip(ixi_folder, tmp_path):
+    inv = find_scans(ixi_folder)
+    out = prepare_dataset(inv, tmp_path / "store", TINY, workers=2, progress=False)
+    store = SliceStore(out)
+    m = store.manifest
+    assert store.images.shape == (len(m), 16, 16) and store.images.dtype == np.float32
+    assert store.array("brain").shape == store.images.shape
+    assert not store.has_lesions
+    # no subject crosses splits, and every slice carries its subject's metadata
+    assert (m.groupby("subject")["split"].nunique() == 1).all()
+    assert set(m.columns) >= {"subject", "hospital", "age", "sex", "split", "slice_index", "position",
+                              "brain_fraction", "source", "checksum"}
+    assert m.loc[m.subject == "IXI002", "age"].iloc[0] == 40.0
+    assert store.config == TINY
+    assert len(store.indices("train")) + len(store.indices("val")) + len(store.indices("test")) == len(store)
+    # an existing store is never overwritten without force
+    with pytest.raises(OutputExistsError):
+        prepare_dataset(inv, out, TINY, progress=False)
+    prepare_dataset(inv, out, TINY, workers=1, force=True, progress=False)
+    assert np.array_equal(SliceStore(out).images, store.images)  # deterministic
+
+
+def test_prepare_skips_bad_volume_or_fails_strict(ixi_folder, tmp_path):
+    bad = ixi_folder / "IXI-T1" / "IXI003-HH-1003-T1.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    inv = find_scans(ixi_folder)
+    out = prepare_dataset(inv, tmp_path / "store", TINY, workers=1, progress=False)
+    assert "IXI003" not in set(SliceStore(out).manifest.subject)
+    assert "IXI003-HH-1003-T1.nii.gz: truncated or corrupt gzip" in (out / "problems.txt").read_text()
+    with pytest.raises(BrainVAEError, match="IXI003-HH-1003-T1.nii.gz"):
+        prepare_dataset(inv, tmp_path / "strict", TINY, workers=1, strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()  # nothing half-written
+
+
+def test_empty_mask_is_reported(ixi_folder, tmp_path):
+    mask = ixi_folder / "masks" / "IXI002-Guys-1002-T1_mask.nii.gz"
+    shape = (24, 24, 20)
+    write_nifti(mask, np.zeros(shape, np.uint8), psr_affine(shape))
+    out = prepare_dataset(find_scans(ixi_folder), tmp_path / "s", TINY, workers=1, progress=False)
+    assert "empty brain mask" in (out / "problems.txt").read_text()
+
+
+def test_lesion_masks_are_carried(tmp_path):
+    case = tmp_path / "brats" / "Brats18_X_1"
+    shape = (24, 24, 20)
+    image, brain = head_phantom(shape)
+    image = image * brain  # skull-stripped like BraTS
+    seg = np.zeros(shape, np.int16)
+    seg[10:14, 10:14, 8:12] = 2
+    for mod, arr in (("t1", image), ("seg", seg)):
+        write_nifti(case / f"Brats18_X_1_{mod}.nii.gz", arr, np.diag([4.0, 4.0, 4.0, 1.0]))
+    out = prepare_dataset(find_scans(tmp_path / "brats"), tmp_path / "s", TINY, workers=1, progress=False)
+    store = SliceStore(out)
+    assert store.has_lesions and store.array("lesion").sum() > 0
+    assert store.manifest["lesion_fraction"].max() > 0
+
+
+def test_config_toml_round_trip_and_validation(tmp_path):
+    cfg = PrepareConfig(axis="coronal", size=64, index_range=(3, 40))
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(PrepareConfig, tmp_path / "c.toml") == cfg
+    (tmp_path / "bad.toml").write_text('axsi = "axial"\n')
+    with pytest.raises(BrainVAEError, match="unknown key"):
+        load_config(PrepareConfig, tmp_path / "bad.toml")
+    with pytest.raises(BrainVAEError, match="axis must be one of"):
+        PrepareConfig(axis="oblique")
