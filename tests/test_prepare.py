@@ -129,7 +129,7 @@ def test_prepare_skips_bad_volume_or_fails_strict(ixi_folder, tmp_path):
     bad = ixi_folder / "IXI-T1" / "IXI003-HH-1003-T1.nii.gz"
     bad.write_bytes(bad.read_bytes()[:200])
     inv = find_scans(ixi_folder)
-    out = prepare_dataset(inv, tmp_path / "store", TINY, workers=1, progress=False)
+    out = prepare_dataset(inv, tmp_path / "store", TINY, workers=2, progress=False)  # errors cross processes
     assert "IXI003" not in set(SliceStore(out).manifest.subject)
     assert "IXI003-HH-1003-T1.nii.gz: truncated or corrupt gzip" in (out / "problems.txt").read_text()
     with pytest.raises(BrainVAEError, match="IXI003-HH-1003-T1.nii.gz"):

@@ -43,7 +43,10 @@ class PrepareConfig:
     index_range: tuple[int, int] | None = None
     min_brain: float = 0.05
     skull_strip: bool = True  # apply brain masks when they are given
-    n4: bool = False  # N4 bias-field correction (SimpleITK)
+    # N4 bias-field correction (SimpleITK). On by default: on the shared IXI T1 it lifts the
+    # top-to-mid-brain ratio of the 90th intensity percentile from 0.63 to 0.78
+    # (benchmarks/results/prepare.json).
+    n4: bool = True
     register: bool = False  # affine registration to the MNI152 template
     normalisation: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.0)

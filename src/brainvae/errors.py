@@ -22,6 +22,9 @@ class InputFileError(BrainVAEError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable, so errors travel back from worker processes
+        return (type(self), (self.path, self.problem))
+
 
 class OutputExistsError(BrainVAEError):
     """An output already exists and ``--force`` was not given."""
@@ -29,3 +32,6 @@ class OutputExistsError(BrainVAEError):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         super().__init__(f"{self.path} already exists; pass --force to replace it")
+
+    def __reduce__(self):
+        return (type(self), (self.path,))

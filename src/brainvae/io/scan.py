@@ -174,7 +174,8 @@ def _join_demographics(inv: Inventory, path: Path) -> None:
         if s.subject in table.index:
             row = table.loc[s.subject]
             age = None if pd.isna(row["age"]) else float(row["age"])
-            joined.append(Scan(s.subject, s.image, s.modality, s.dataset, s.hospital, s.mask, s.lesion, age, row["sex"]))
+            sex = row["sex"] if row["sex"] in ("M", "F") else None
+            joined.append(Scan(s.subject, s.image, s.modality, s.dataset, s.hospital, s.mask, s.lesion, age, sex))
             if age is None:
                 inv.problems.append(f"{s.subject}: no age in {path.name}")
         else:
