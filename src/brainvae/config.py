@@ -77,6 +77,80 @@ class PrepareConfig:
         return self.spacing if self.spacing is not None else self.fov_mm / self.size
 
 
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained (``brainvae train``)."""
+
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_decay: float = 0.999  # exponential moving average of weights (0 = off)
+    kl_warmup_steps: int = 500  # KL weight ramps 0 -> 1 over these steps
+    epochs: int = 30
+    steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    budget: str | None = None  # wall-clock budget such as "20m", "90s", "1.5h"
+    patience: int = 8  # early stopping after this many epochs without validation improvement
+    val_batches: int = 20  # validation batches per epoch (0 = whole split)
+    precision: str = "auto"  # auto: bf16 on CPU and on CUDA when supported
+    compile: bool = False  # torch.compile the model
+    log_every: int = 25  # steps between logged training scalars
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0 and self.lr > 0, "batch_size and lr must be positive")
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
+        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        _check(self.steps is None or self.steps > 0, "steps must be positive")
+        if self.budget is not None:
+            parse_duration(self.budget)
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return None if self.budget is None else parse_duration(self.budget)
+
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One TOML file per experiment: ``[model]`` (``arch`` + that architecture's fields),
+    ``[train]`` (TrainConfig) and an optional ``[tune]`` search space for ``brainvae tune``."""
+
+    model: dict = field(default_factory=lambda: {"arch": "vae"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .models.registry import make_config
+
+        _check("arch" in self.model, "[model] needs an 'arch' key")
+        make_config(self.model["arch"], {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
+
+    @property
+    def arch(self) -> str:
+        return self.model["arch"]
+
+    def model_config(self):
+        from .models.registry import make_config
+
+        return make_config(self.arch, {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
+
+
+def parse_duration(text: str) -> float:
+    """"20m" -> 1200.0; accepts s, m, h suffixes (or plain seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = str(text).strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise BrainVAEError(f"invalid duration {text!r}; use e.g. 90s, 20m, 1.5h") from None
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise BrainVAEError(f"invalid config: {message}")
@@ -91,6 +165,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             v = to_dict(v)
         elif isinstance(v, tuple):
             v = list(v)
+        elif isinstance(v, dict):
+            v = {k: list(x) if isinstance(x, tuple) else x for k, x in v.items() if x is not None}
         if v is not None:
             out[f.name] = v
     return out
@@ -147,4 +223,4 @@ def replace(cfg: T, **changes: Any) -> T:
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
-__all__ = ["PrepareConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field"]
+__all__ = ["PrepareConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field"]

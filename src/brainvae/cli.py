@@ -1,0 +1,268 @@
+"""The ``brainvae`` command line: parses options, builds configs, calls the library.
+
+No logic lives here. User errors (``BrainVAEError``) print one clear line and
+exit with status 1, without a traceback; Ctrl-C exits with 130 and, since every
+output is written atomically, leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from .config import PrepareConfig, load_config, replace
+from .errors import BrainVAEError
+
+app = typer.Typer(help="Synthetic brain MR slices and anomaly detection with variational autoencoders.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Describe, simulate, download and prepare brain MRI datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def user_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BrainVAEError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted: no partial output was kept", fg="yellow", err=True)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Workers = Annotated[Optional[int], typer.Option(help="Parallel processes (default: all cores).")]
+Modality = Annotated[str, typer.Option(help="Modality to read: T1, T2, PD (IXI) or t1, t1ce, t2, flair (BraTS).")]
+Demographics = Annotated[Optional[Path], typer.Option(help="IXI.xls or CSV (default: found beside the images).")]
+Masks = Annotated[Optional[Path], typer.Option(help="Folder of brain masks matched by subject (label > 0 = brain).")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+@data_app.command("describe")
+@user_errors
+def data_describe(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (IXI, BraTS or any NIfTI folder) or IXI .tar.")],
+    out: Annotated[Path, typer.Option(help="Output folder for tables, figures and index.html.")] = Path("describe"),
+    modality: Modality = "T1", demographics: Demographics = None, masks: Masks = None,
+    workers: Workers = None, force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Tables, plots and an HTML page describing a dataset: demographics, scanners, voxel sizes, intensities."""
+    from .describe import describe_dataset
+    from .io.scan import find_scans
+
+    inventory = find_scans(data, modality, demographics=demographics, masks=masks)
+    path = describe_dataset(inventory, out, force=force, workers=workers, progress=not quiet)
+    typer.echo(f"described {len(inventory.scans)} scans -> {path / 'index.html'}")
+
+
+@data_app.command("simulate")
+@user_errors
+def data_simulate(
+    out: Annotated[Path, typer.Option(help="Output folder (IXI layout).")] = Path("simulated"),
+    n: Annotated[int, typer.Option("-n", "--subjects", help="Number of simulated subjects.")] = 24,
+    seed: int = 0,
+    spacing: Annotated[float, typer.Option(help="Voxel size in mm.")] = 2.0,
+    lesions: Annotated[float, typer.Option(help="Fraction of subjects given synthetic lesions (with masks).")] = 0.0,
+    force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Write a SIMULATED cohort (from the MNI152 template shipped with nilearn) in the IXI layout."""
+    from .io.phantom import simulate_cohort
+
+    table = simulate_cohort(out, n, seed=seed, spacing=(spacing,) * 3, lesion_fraction=lesions,
+                            force=force, progress=not quiet)
+    typer.echo(f"simulated {len(table)} subjects (NOT real data) -> {out}")
+
+
+@data_app.command("download")
+@user_errors
+def data_download(
+    dataset: Annotated[str, typer.Argument(help="Only 'ixi' is downloadable (BraTS requires registration).")],
+    modality: Annotated[str, typer.Option(help="IXI archive: T1, T2, PD, MRA or DTI.")] = "T1",
+    dest: Annotated[Path, typer.Option(help="Download folder.")] = Path("data/ixi"),
+    extract: Annotated[bool, typer.Option(help="Extract the archive after download.")] = True,
+    force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Download the official IXI archive and IXI.xls (resumable, size/checksum checked, safe extraction)."""
+    from .io.download import download_ixi
+
+    if dataset.lower() != "ixi":
+        raise BrainVAEError(f"unknown dataset {dataset!r}; only 'ixi' can be downloaded")
+    paths = download_ixi(modality, dest, extract=extract, force=force, progress=not quiet)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (IXI, BraTS or any NIfTI folder) or IXI .tar.")],
+    out: Annotated[Path, typer.Option(help="Store folder, e.g. datasets/ixi-t1-axial.")],
+    config: Annotated[Optional[Path], typer.Option(help="PrepareConfig TOML; options below override it.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="Modality (default T1).")] = None,
+    axis: Annotated[Optional[str], typer.Option(help="axial, coronal or sagittal.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Slice size in pixels (default 128).")] = None,
+    spacing: Annotated[Optional[float], typer.Option(help="Voxel size in mm (default 192 mm / size).")] = None,
+    positions: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Keep slices within this fraction of the brain's extent, e.g. 0.3 0.8.")] = None,
+    indices: Annotated[Optional[tuple[int, int]], typer.Option(help="Keep slice indices [lo, hi) of the grid.")] = None,
+    min_brain: Annotated[Optional[float], typer.Option(help="Minimum brain fraction of a kept slice.")] = None,
+    skull_strip: Annotated[Optional[bool], typer.Option(help="Apply brain masks when given.")] = None,
+    n4: Annotated[Optional[bool], typer.Option(help="N4 bias-field correction.")] = None,
+    register: Annotated[Optional[bool], typer.Option(help="Affine registration to MNI152.")] = None,
+    split: Annotated[Optional[tuple[float, float, float]], typer.Option(help="train/val/test ratios.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Split seed.")] = None,
+    demographics: Demographics = None, masks: Masks = None,
+    lesions: Annotated[Optional[Path], typer.Option(help="Folder of lesion masks matched by subject.")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad volume instead of skipping it.")] = False,
+    workers: Workers = None, force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Turn 3-D volumes into a store of normalised 2-D slices with a subject-level split."""
+    from .data.prepare import prepare_dataset
+    from .data.store import SliceStore
+    from .io.scan import find_scans
+
+    cfg = load_config(PrepareConfig, config) if config else PrepareConfig()
+    cfg = replace(cfg, modality=modality, axis=axis, size=size, spacing=spacing, position_range=positions,
+                  index_range=indices, min_brain=min_brain, skull_strip=skull_strip, n4=n4, register=register,
+                  split_ratios=split, seed=seed)
+    inventory = find_scans(data, cfg.modality, demographics=demographics, masks=masks, lesions=lesions)
+    path = prepare_dataset(inventory, out, cfg, workers=workers, strict=strict, force=force, progress=not quiet)
+    store = SliceStore(path)
+    counts = store.manifest.groupby("split")["subject"].nunique().to_dict()
+    typer.echo(f"prepared {len(store)} slices from {len(store.subjects)} volumes "
+               f"(subjects per split: {counts}) -> {path}")
+    if (path / "problems.txt").stat().st_size:
+        typer.echo(f"problems are listed in {path / 'problems.txt'}")
+
+
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config TOML ([model] and [train]); see configs/.")],
+    data: Annotated[Path, typer.Option(help="Slice store from `brainvae data prepare`.")],
+    out: Annotated[Path, typer.Option(help="Run folder, e.g. runs/vae.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Train this many steps.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget, e.g. 20m.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    compile: Annotated[Optional[bool], typer.Option(help="torch.compile the model.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Train one architecture on a slice store (resumable; DDP under torchrun)."""
+    from .config import RunConfig
+    from .train.engine import train
+
+    cfg = load_config(RunConfig, config)
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs, precision=precision,
+                                     compile=compile, seed=seed))
+    summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
+    typer.echo(f"trained {summary['arch']}: {summary['steps']} steps in {summary['seconds']} s "
+               f"({summary['images_per_second']} img/s), best val loss {summary['best_val_loss_per_pixel']:.4f} "
+               f"nats/pixel -> {out}")
+
+
+Age = Annotated[Optional[float], typer.Option(help="Age in years (conditional models).")]
+Sex = Annotated[Optional[str], typer.Option(help="M or F (conditional models).")]
+Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]
+
+
+@app.command("sample")
+@user_errors
+def sample_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file).")],
+    n: Annotated[int, typer.Option("-n", help="Number of slices.")] = 64,
+    age: Age = None, sex: Sex = None, position: Position = None, seed: int = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
+    device: Device = "auto", force: Force = False,
+) -> None:
+    """Generate new slices: PNG grid, one PNG each, a NIfTI stack and .npy."""
+    from . import generate as G
+    from .train.engine import resolve_device
+
+    model = G.load(run, device=resolve_device(device))
+    cond = G.conditions(model, age, sex, position)
+    images = G.sample_images(model, n, cond, seed)
+    out = out or Path(run) / "samples"
+    G.export(images, out, G.spacing_of(run), {"run": str(run), "n": n, "seed": seed, "cond": cond}, force=force)
+    typer.echo(f"{n} samples -> {out}")
+
+
+@app.command("reconstruct")
+@user_errors
+def reconstruct_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    data: Annotated[Path, typer.Option(help="Slice store.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    n: Annotated[int, typer.Option("-n")] = 16, seed: int = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/reconstructions).")] = None,
+    device: Device = "auto", force: Force = False,
+) -> None:
+    """Reconstructions beside their originals (top row real, bottom row reconstructed)."""
+    import numpy as np
+
+    from . import generate as G
+    from .data.store import SliceStore
+    from .train.engine import resolve_device
+
+    model = G.load(run, device=resolve_device(device))
+    real, recon = G.reconstruct_split(model, SliceStore(data), split, n, seed)
+    out = out or Path(run) / "reconstructions"
+    G.export(np.concatenate([real, recon]), out, G.spacing_of(run),
+             {"run": str(run), "store": str(data), "split": split, "n": len(real)}, force=force, ncol=len(real))
+    typer.echo(f"{len(real)} reconstructions -> {out / 'grid.png'}")
+
+
+@app.command("interpolate")
+@user_errors
+def interpolate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    a: Annotated[int, typer.Argument(help="First slice (row of the store's manifest).")],
+    b: Annotated[int, typer.Argument(help="Second slice.")],
+    data: Annotated[Path, typer.Option(help="Slice store.")],
+    steps: int = 8,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/interpolation-A-B).")] = None,
+    device: Device = "auto", force: Force = False,
+) -> None:
+    """A latent interpolation strip between two real slices."""
+    from . import generate as G
+    from .data.store import SliceStore
+    from .train.engine import resolve_device
+
+    model = G.load(run, device=resolve_device(device))
+    strip = G.interpolate(model, SliceStore(data), a, b, steps)
+    out = out or Path(run) / f"interpolation-{a}-{b}"
+    G.export(strip, out, G.spacing_of(run), {"run": str(run), "a": a, "b": b}, force=force, ncol=steps)
+    typer.echo(f"interpolation strip -> {out / 'grid.png'}")
+
+
+@app.command("demo")
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo_out"),
+    subjects: Annotated[int, typer.Option(help="Simulated subjects.")] = 24,
+    force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Run the whole pipeline on the embedded SIMULATED data (no download)."""
+    from .demo import run_demo
+
+    run_demo(out, subjects=subjects, force=force, progress=not quiet)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

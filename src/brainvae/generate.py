@@ -1,0 +1,143 @@
+"""Generation from a trained run: prior/conditional sampling, reconstructions, interpolation, export.
+
+    model = brainvae.load("runs/vae")               # EMA weights of the best checkpoint
+    x = model.sample(16, {"age": 70, "sex": -1})    # (16, 1, H, W) in [0, 1]
+
+Exports: a PNG grid, one PNG per slice, a NIfTI stack (slices along the third
+axis, with the store's spacing, so it opens in ITK-SNAP / FSLeyes in the
+display orientation) and a .npy array.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, load_config
+from .data.dataset import SliceBatches
+from .data.store import SliceStore
+from .errors import BrainVAEError
+from .io.atomic import atomic_dir
+from .io.nifti import save_nifti
+from .train.checkpoint import load_model
+
+SEX_VALUES = {"m": 1.0, "male": 1.0, "f": -1.0, "female": -1.0}
+
+
+def checkpoint_path(run: Path, which: str = "best") -> Path:
+    run = Path(run)
+    if run.is_file():
+        return run
+    path = run / "checkpoints" / f"{which}.safetensors"
+    if not path.exists():
+        raise BrainVAEError(f"{run}: no {which} checkpoint (is this a brainvae run folder?)")
+    return path
+
+
+def load(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of a run folder (or a checkpoint file), with EMA weights, in eval mode."""
+    return load_model(checkpoint_path(Path(run), which), device=device)
+
+
+def parse_sex(sex: str | float | None) -> float | None:
+    if sex is None or isinstance(sex, (int, float)):
+        return sex
+    if sex.lower() not in SEX_VALUES:
+        raise BrainVAEError(f"--sex must be M or F, got {sex!r}")
+    return SEX_VALUES[sex.lower()]
+
+
+def conditions(model, age: float | None, sex: str | float | None, position: float | None) -> dict | None:
+    """User options -> cond dict; refuses conditions the model was not trained with."""
+    given = {k: v for k, v in (("age", age), ("sex", parse_sex(sex)), ("position", position)) if v is not None}
+    extra = set(given) - set(model.config.conditions)
+    if extra:
+        raise BrainVAEError(f"this {model.arch} model is not conditioned on {sorted(extra)} "
+                            f"(its conditions: {list(model.config.conditions) or 'none'})")
+    return given or None
+
+
+@torch.no_grad()
+def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256) -> np.ndarray:
+    """n samples as (n, H, W) float32, reproducible from ``seed``."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        out.append(model.sample(min(batch_size, n - start), cond, g).float().clamp(0, 1)[:, 0].cpu().numpy())
+    return np.concatenate(out)
+
+
+def grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """(n, H, W) -> one (rows * (H + pad), cols * (W + pad)) mosaic, row-major."""
+    n, h, w = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    canvas = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad), np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return canvas
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from matplotlib import image as mpimg
+
+    mpimg.imsave(path, np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+
+
+def spacing_of(run: Path) -> float:
+    """In-plane spacing (mm) of the store the run trained on, rescaled to the model's image size."""
+    prov = json.loads((Path(run) / "provenance.json").read_text()) if (Path(run) / "provenance.json").exists() else {}
+    store_cfg = prov.get("store_config", {})
+    cfg = load_config(RunConfig, Path(run) / "config.toml") if (Path(run) / "config.toml").exists() else None
+    if not store_cfg or cfg is None:
+        return 1.0
+    fov = store_cfg.get("spacing", store_cfg.get("fov_mm", 192.0) / store_cfg.get("size", 128)) * store_cfg.get("size", 128)
+    return fov / cfg.model_config().image_size
+
+
+def export(images: np.ndarray, out: Path, spacing: float, meta: dict, *, force: bool = False, ncol: int | None = None) -> Path:
+    """Write grid.png, png/NNNN.png, slices.nii.gz, slices.npy and meta.json atomically into ``out``."""
+    with atomic_dir(out, force=force) as tmp:
+        save_png(tmp / "grid.png", grid(images, ncol))
+        (tmp / "png").mkdir()
+        for i, img in enumerate(images):
+            save_png(tmp / "png" / f"{i:04d}.png", img)
+        # (n, H, W) display arrays -> (W, H, n): i runs to patient left, j to posterior, k = slice
+        affine = np.diag([-spacing, -spacing, spacing, 1.0])
+        save_nifti(np.ascontiguousarray(images.transpose(2, 1, 0)), affine, tmp / "slices.nii.gz")
+        np.save(tmp / "slices.npy", images)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return Path(out)
+
+
+@torch.no_grad()
+def reconstruct_split(model, store: SliceStore, split: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n random slices of a split and their mean reconstructions, each (n, H, W)."""
+    data = SliceBatches(store, split, model.config.image_size, model.device)
+    idx = np.sort(np.random.default_rng(seed).choice(len(data), size=min(n, len(data)), replace=False))
+    x, cond = data.batch(idx)
+    recon = model.reconstruct(x, cond if model.config.conditions else None)
+    return x[:, 0].float().cpu().numpy(), recon[:, 0].float().clamp(0, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def interpolate(model, store: SliceStore, a: int, b: int, steps: int = 8) -> np.ndarray:
+    """Decode a straight line between the latent means of store rows a and b: (steps, H, W)."""
+    data = SliceBatches(store, None, model.config.image_size, model.device)
+    for r in (a, b):
+        if not 0 <= r < len(data):
+            raise BrainVAEError(f"slice {r} is not in {store.path} (it has {len(data)} slices)")
+    x, cond = data.batch(np.array([a, b]))
+    cond = cond if model.config.conditions else None
+    z = model.encode(x, cond).mode()  # (2, ...)
+    if x.shape[0] == 2 and data.rows[a] > data.rows[b]:  # batch() sorts rows; restore a, b order
+        z = z.flip(0)
+        cond = {k: v.flip(0) for k, v in cond.items()} if cond else None
+    t = torch.linspace(0, 1, steps, device=z.device).view(-1, *([1] * (z.dim() - 1)))
+    zs = (1 - t) * z[:1] + t * z[1:]
+    c = {k: (1 - t.flatten()) * v[0] + t.flatten() * v[1] for k, v in cond.items()} if cond else None
+    return model.decode(zs, c)[:, 0].float().clamp(0, 1).cpu().numpy()

@@ -1,0 +1,157 @@
+"""The one model contract every brainvae architecture follows.
+
+    posterior = model.encode(x, cond)            # x: (B, 1, H, W) in [0, 1]
+    x_hat     = model.decode(z, cond)            # (B, 1, H, W) in [0, 1]
+    out       = model(x, cond, kl_scale=1.0)     # Output(recon, posterior, losses)
+    images    = model.sample(n, cond, generator) # (n, 1, H, W)
+    scores    = model.anomaly_map(x, cond)       # (B, 1, H, W), higher = more abnormal
+
+``out.losses`` holds per-sample terms, each of shape (B,), before any batch
+reduction, with the training objective in ``losses["loss"]``; the same numbers
+score anomalies. ``cond`` is a dict of (B,) tensors in user units (age in
+years, sex as +1 male / -1 female / 0 unknown, position in the brain 0..1) or
+None; a model only reads the keys named in its config's ``conditions``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+CONDITIONS = ("age", "sex", "position")
+Cond = dict[str, Tensor] | None
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Fields shared by every architecture."""
+
+    image_size: int = 128  # H = W
+    conditions: tuple[str, ...] = ()  # subset of CONDITIONS the model is conditioned on
+
+    def __post_init__(self) -> None:
+        from ..config import _check
+
+        _check(self.image_size >= 16 and self.image_size & (self.image_size - 1) == 0,
+               f"image_size must be a power of two >= 16, got {self.image_size}")
+        unknown = set(self.conditions) - set(CONDITIONS)
+        _check(not unknown, f"unknown condition(s) {sorted(unknown)}; choose from {CONDITIONS}")
+
+
+@dataclass
+class Output:
+    recon: Tensor  # (B, 1, H, W)
+    posterior: object
+    losses: dict[str, Tensor] = field(default_factory=dict)  # each (B,)
+
+
+def randn(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normal noise from an explicit generator (which may live on another device)."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))); KL against N(0, I), summed per sample."""
+
+    def __init__(self, mean: Tensor, logvar: Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        eps = randn(self.mean.shape, generator, self.mean.device).to(self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:  # (B,)
+        terms = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return terms.flatten(1).sum(1)
+
+
+def gaussian_nll(x: Tensor, mean: Tensor, log_sigma: Tensor | float) -> Tensor:
+    """Per-sample negative log-likelihood (nats) of x under N(mean, sigma^2) per pixel: (B,)."""
+    log_sigma = torch.as_tensor(log_sigma, dtype=mean.dtype, device=mean.device)
+    nll = 0.5 * ((x - mean) / log_sigma.exp()).pow(2) + log_sigma + 0.5 * math.log(2 * math.pi)
+    return nll.flatten(1).sum(1)
+
+
+class Conditioning(nn.Module):
+    """Turns user-unit conditions into a vector: (B,) tensors -> (B, dim).
+
+    Age is centred at 50 years and scaled by 20; unknown age (NaN) becomes 0,
+    the population centre. Sex is +1 / -1 / 0. Position 0..1 maps to -1..1.
+    """
+
+    def __init__(self, keys: tuple[str, ...], dim: int):
+        super().__init__()
+        self.keys = tuple(keys)
+        self.net = nn.Sequential(nn.Linear(len(self.keys), dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def standardise(cond: dict[str, Tensor], keys: tuple[str, ...]) -> Tensor:
+        cols = []
+        for key in keys:
+            if key not in cond:
+                raise ValueError(f"this model is conditioned on {keys}; missing {key!r}")
+            v = cond[key].float()
+            v = {"age": lambda a: (a - 50.0) / 20.0, "sex": lambda s: s, "position": lambda p: 2.0 * p - 1.0}[key](v)
+            cols.append(torch.nan_to_num(v, nan=0.0))
+        return torch.stack(cols, dim=1)
+
+    def forward(self, cond: dict[str, Tensor]) -> Tensor:
+        return self.net(self.standardise(cond, self.keys).to(self.net[0].weight.dtype))
+
+
+class BrainModel(nn.Module):
+    """Base class: shared helpers, no architecture. Subclasses implement encode/decode/forward."""
+
+    arch: str = ""  # set by @register
+
+    def __init__(self, config: BaseConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, x: Tensor, cond: Cond = None):
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, cond: Cond = None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
+        raise NotImplementedError
+
+    def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, cond: Cond = None) -> Tensor:
+        return self.decode(self.encode(x, cond).mode(), cond)
+
+    @torch.no_grad()
+    def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:
+        """Default score: the absolute residual of the mean reconstruction, (B, 1, H, W)."""
+        return (x - self.reconstruct(x, cond)).abs()
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups with their own optimiser; a ``"disc"`` group is trained with ``disc_loss``."""
+        return {"model": list(self.parameters())}
+
+    def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
+        """Conditions for sampling: given values broadcast to n; missing ones drawn from a neutral default."""
+        cond = dict(cond or {})
+        defaults = {"age": 50.0, "sex": 0.0, "position": 0.5}
+        out = {}
+        for key in self.config.conditions:
+            v = torch.as_tensor(cond.get(key, defaults[key]), dtype=torch.float32, device=self.device)
+            out[key] = v.expand(n).clone() if v.dim() == 0 else v
+        return out

@@ -1,0 +1,101 @@
+"""Convolutional Gaussian VAE (Kingma & Welling 2014) with a flat latent.
+
+β-VAE (Higgins et al. 2017) is this model with ``beta != 1``; KL warm-up
+(Bowman et al. 2016) is the engine's ``kl_scale`` ramp. Conditioning on age,
+sex and slice position (``conditions``) is a composed module: its embedding is
+appended to the encoder features and to the latent code (CVAE, Sohn et al. 2015).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import BaseConfig, BrainModel, Cond, Conditioning, DiagonalGaussian, Output, gaussian_nll, randn
+from .blocks import ConvDecoder, ConvEncoder
+from .registry import register
+
+
+@dataclass(frozen=True)
+class VAEConfig(BaseConfig):
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # one stride-2 stage each
+    res_blocks: int = 0  # residual blocks per stage
+    latent_dim: int = 128
+    beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
+    sigma: float = 0.1  # fixed per-pixel std of the Gaussian likelihood
+    cond_dim: int = 32  # width of the conditioning embedding
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..config import _check
+
+        _check(self.image_size // 2 ** len(self.channels) >= 2,
+               f"{len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        _check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
+
+
+@register("vae", VAEConfig)
+class VAE(BrainModel):
+    config: VAEConfig
+
+    def __init__(self, config: VAEConfig):
+        super().__init__(config)
+        c = config
+        self.bottom = c.image_size // 2 ** len(c.channels)  # spatial size at the bottleneck
+        flat = c.channels[-1] * self.bottom ** 2
+        k = c.cond_dim if c.conditions else 0
+        self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None
+        self.encoder = ConvEncoder(c.channels, 1, c.res_blocks)
+        self.to_posterior = nn.Linear(flat + k, 2 * c.latent_dim)
+        self.from_latent = nn.Linear(c.latent_dim + k, flat)
+        self.decoder = ConvDecoder(c.channels, 1, c.res_blocks)
+
+    def _embed(self, cond: Cond, n: int) -> Tensor | None:
+        if self.cond is None:
+            return None
+        if cond is None:
+            raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
+        return self.cond(cond)
+
+    def encode(self, x: Tensor, cond: Cond = None) -> DiagonalGaussian:
+        h = self.encoder(x).flatten(1)  # (B, C * s * s)
+        e = self._embed(cond, len(x))
+        if e is not None:
+            h = torch.cat([h, e.to(h.dtype)], 1)
+        mean, logvar = self.to_posterior(h).chunk(2, dim=1)  # (B, latent_dim) each
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: Tensor, cond: Cond = None) -> Tensor:
+        e = self._embed(cond, len(z))
+        if e is not None:
+            z = torch.cat([z, e.to(z.dtype)], 1)
+        h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom, self.bottom)
+        return torch.sigmoid(self.decoder(h))  # (B, 1, H, W)
+
+    def losses(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian, kl_scale: float) -> dict[str, Tensor]:
+        rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
+        kl = posterior.kl().float()
+        return {"loss": rec + self.config.beta * kl_scale * kl, "recon": rec, "kl": kl}
+
+    def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
+        posterior = self.encode(x, cond)
+        recon = self.decode(posterior.sample(), cond)
+        return Output(recon, posterior, self.losses(x, recon, posterior, kl_scale))
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
+        z = randn((n, self.config.latent_dim), generator, self.device)
+        return self.decode(z, self.default_cond(n, cond) if self.cond is not None else None)
+
+
+@dataclass(frozen=True)
+class CVAEConfig(VAEConfig):
+    conditions: tuple[str, ...] = ("age", "sex", "position")
+
+
+@register("cvae", CVAEConfig)
+class CVAE(VAE):
+    """The VAE conditioned on age, sex and slice position by default."""

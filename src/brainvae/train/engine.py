@@ -1,0 +1,362 @@
+"""The training loop: one flat loop of small helpers (nanoGPT-style).
+
+    train(run_dir, store, run_cfg)   # one config -> one run folder; resumable
+
+Run folder::
+
+    config.toml               resolved RunConfig (model + train), the store it trained on
+    checkpoints/last.*        weights (safetensors) + state (optimiser, counters, RNG)
+    checkpoints/best.*        best validation loss so far
+    metrics.jsonl             one JSON line per logged step and per validation
+    tb/                       TensorBoard scalars and image grids
+    summary.json              final numbers (steps, time, img/s, best validation loss)
+
+Losses are reported per pixel (nats / pixel) so they compare across image sizes.
+Randomness: data order from (seed, epoch); model noise from torch's global RNG,
+whose state is checkpointed, so a resumed run follows the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..config import RunConfig, load_config, save_config, to_dict
+from ..data.dataset import SliceBatches
+from ..data.store import SliceStore
+from ..errors import BrainVAEError, OutputExistsError
+from ..models.registry import build
+from ..provenance import provenance
+from .checkpoint import ema_tensors, load_state, load_weights, save_state, save_weights
+
+CHECKPOINT_SECONDS = 300  # also save `last` this often, so a kill loses at most this much
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BrainVAEError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise BrainVAEError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on CPU and on CUDA when supported, else fp16."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay by training progress (0..1)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EMA:
+    """Exponential moving average of a model's state (floating tensors averaged, others copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
+        self.decay = decay
+        src = state if state is not None else model.state_dict()
+        self.shadow = {k: src[k].detach().clone().to(v.device) for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten fast
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Temporarily load the EMA weights into ``model``."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("BRAINVAE_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resume: bool, force: bool,
+                     rank: int) -> RunConfig:
+    cfg_path = run_dir / "config.toml"
+    if resume:
+        if not cfg_path.exists():
+            raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
+        return load_config(RunConfig, cfg_path)  # the run's own config wins
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise OutputExistsError(run_dir)
+    if rank == 0:
+        if run_dir.exists() and force:
+            import shutil
+
+            shutil.rmtree(run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(run_cfg, cfg_path)
+        (run_dir / "provenance.json").write_text(json.dumps(
+            provenance(store=str(store.path), store_config=to_dict(store.config)), indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return run_cfg
+
+
+def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = "auto", resume: bool = False,
+          force: bool = False, progress: bool = True) -> dict:
+    """Train ``run_cfg`` on the store; returns the summary written to ``summary.json``."""
+    run_dir = Path(run_dir)
+    store = SliceStore(store_path)
+    rank, world = _distributed()
+    run_cfg = _prepare_run_dir(run_dir, run_cfg, store, resume, force, rank)
+    cfg = run_cfg.train
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    torch.manual_seed(cfg.seed)
+
+    model = build(run_cfg.arch, {k: v for k, v in run_cfg.model.items() if k != "arch"}).to(dev)
+    size = model.config.image_size
+    train_data = SliceBatches(store, "train", size, dev)
+    val_data = SliceBatches(store, "val", size, dev)
+    groups = model.optimizer_groups()
+    optimisers = {name: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+                  for name, params in groups.items()}
+    amp = autocast_dtype(cfg.precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+
+    ckpt = run_dir / "checkpoints"
+    st = {"step": 0, "epoch": 0, "step_in_epoch": 0, "elapsed": 0.0, "best_val": float("inf"), "bad_epochs": 0}
+    ema_state = None
+    if resume and (ckpt / "last.safetensors").exists():
+        load_weights(ckpt / "last.safetensors", model)
+        ema_state = ema_tensors(ckpt / "last.safetensors")
+        saved = load_state(ckpt / "last.state.pt")
+        for name, opt in optimisers.items():
+            opt.load_state_dict(saved["optimisers"][name])
+        st.update(saved["counters"])
+        torch.set_rng_state(saved["rng"])
+        if dev.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+    ema = EMA(model, cfg.ema_decay, ema_state) if cfg.ema_decay > 0 else None
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_dir / ".inductor-cache"))
+        net = torch.compile(net)
+
+    steps_per_epoch = max(1, len(train_data) // (cfg.batch_size * world))
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    budget = cfg.budget_seconds
+    n_pixels = size * size
+    writer = _writer(run_dir) if rank == 0 else None
+    log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+
+    def save(name: str) -> None:
+        if rank != 0:
+            return
+        save_weights(ckpt / f"{name}.safetensors", model, ema.shadow if ema else None,
+                     {"step": st["step"], "epoch": st["epoch"]})
+        state = {"optimisers": {n: o.state_dict() for n, o in optimisers.items()}, "counters": dict(st),
+                 "rng": torch.get_rng_state()}
+        if dev.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        save_state(ckpt / f"{name}.state.pt", state)
+
+    def emit(record: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, float) and k not in ("step", "epoch"):
+                    writer.add_scalar(k, v, record["step"])
+
+    bar = tqdm(total=total_steps, initial=st["step"], unit="step", desc=f"train {run_cfg.arch}",
+               disable=not progress or rank != 0)
+    t_start = time.perf_counter() - st["elapsed"]
+    last_save = time.perf_counter()
+    images_seen = 0
+    t_images = time.perf_counter()
+    stop = st["step"] >= total_steps
+    try:
+        while not stop:
+            order = train_data.epoch_order(cfg.seed, st["epoch"], rank, world)
+            model.train()
+            for b in range(st["step_in_epoch"], steps_per_epoch):
+                x, cond = train_data.batch(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                elapsed = time.perf_counter() - t_start
+                frac = max(st["step"] / total_steps, elapsed / budget if budget else 0.0)
+                lr = cfg.lr * lr_factor(st["step"], frac, cfg.warmup_steps, cfg.min_lr_ratio)
+                for opt in optimisers.values():
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                kl_scale = min(1.0, (st["step"] + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
+                model.step = st["step"]
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                    out = net(x, cond, kl_scale)
+                loss = out.losses["loss"].float().mean() / n_pixels
+                if not torch.isfinite(loss):
+                    raise BrainVAEError(f"training diverged at step {st['step']} (loss {loss.item()}); "
+                                        "lower the learning rate or use --precision fp32")
+                opt = optimisers["model"]
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(groups["model"], cfg.grad_clip)
+                             if cfg.grad_clip > 0 else torch.tensor(0.0))
+                scaler.step(opt)
+                scaler.update()
+                if "disc" in optimisers:
+                    _disc_step(model, optimisers["disc"], x, out.recon.detach(), cond, amp, dev, world)
+                if ema is not None:
+                    ema.update(model, st["step"])
+                st["step"] += 1
+                st["step_in_epoch"] = b + 1
+                images_seen += len(x) * world
+                bar.update()
+                if st["step"] % cfg.log_every == 0:
+                    rate = images_seen / (time.perf_counter() - t_images)
+                    images_seen, t_images = 0, time.perf_counter()
+                    record = {"step": st["step"], "epoch": st["epoch"], "lr": lr, "train/img_per_s": rate,
+                              "train/grad_norm": float(grad_norm), "train/kl_scale": kl_scale}
+                    record.update({f"train/{k}": float(v.detach().float().mean()) / n_pixels for k, v in out.losses.items()})
+                    emit(record)
+                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{rate:.0f}")
+                st["elapsed"] = time.perf_counter() - t_start
+                if st["step"] >= total_steps or (budget and st["elapsed"] >= budget):
+                    stop = True
+                    break
+                if time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                    save("last")
+                    last_save = time.perf_counter()
+            else:  # epoch completed
+                st["epoch"] += 1
+                st["step_in_epoch"] = 0
+                val = _validate(model, ema, val_data, cfg, amp, dev)
+                emit({"step": st["step"], "epoch": st["epoch"], **{f"val/{k}": v / n_pixels for k, v in val.items()}})
+                if writer is not None:
+                    _log_images(writer, model, ema, val_data, st["step"])
+                if val["loss"] < st["best_val"]:
+                    st["best_val"], st["bad_epochs"] = val["loss"], 0
+                    save("best")
+                else:
+                    st["bad_epochs"] += 1
+                save("last")
+                last_save = time.perf_counter()
+                if st["bad_epochs"] >= cfg.patience:
+                    stop = True
+        # A run that stopped mid-epoch validates once more so `best` reflects its end.
+        if st["step_in_epoch"] != 0 or not (ckpt / "best.safetensors").exists():
+            val = _validate(model, ema, val_data, cfg, amp, dev)
+            emit({"step": st["step"], "epoch": st["epoch"], **{f"val/{k}": v / n_pixels for k, v in val.items()}})
+            if val["loss"] < st["best_val"]:
+                st["best_val"] = val["loss"]
+                save("best")
+        save("last")
+    except KeyboardInterrupt:
+        st["elapsed"] = time.perf_counter() - t_start
+        save("last")
+        raise
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if writer is not None:
+            writer.close()
+    summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(st["elapsed"], 1),
+               "images_per_second": round(st["step"] * cfg.batch_size * world / max(st["elapsed"], 1e-9), 1),
+               "best_val_loss_per_pixel": st["best_val"] / n_pixels, "device": str(dev), "world_size": world,
+               "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _disc_step(model, opt, x, recon, cond, amp, dev, world) -> None:
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        d_loss = model.disc_loss(x, recon, cond).float().mean()
+    d_loss.backward()
+    if world > 1:  # the discriminator step bypasses DDP: average its gradients by hand
+        for p in model.optimizer_groups()["disc"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    opt.step()
+
+
+@torch.no_grad()
+def _validate(model, ema, data: SliceBatches, cfg, amp, dev) -> dict[str, float]:
+    """Mean per-sample losses over the first ``val_batches`` batches of the split (EMA weights)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    order = np.arange(len(data))
+    n_batches = math.ceil(len(data) / cfg.batch_size)
+    if cfg.val_batches:
+        n_batches = min(n_batches, cfg.val_batches)
+        order = np.random.default_rng(0).permutation(len(data))  # a fixed, representative subset
+    ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
+    with ctx:
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x, cond = data.batch(idx)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                out = model(x, cond, 1.0)
+            for k, v in out.losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+            n += len(x)
+    model.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+def _writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+@torch.no_grad()
+def _log_images(writer, model, ema, data: SliceBatches, step: int) -> None:
+    """TensorBoard grids: 8 validation slices, their reconstructions, 8 prior samples."""
+    model.eval()
+    x, cond = data.batch(np.arange(min(8, len(data))))
+    ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
+    with ctx:
+        recon = model.reconstruct(x, cond)
+        g = torch.Generator(device=model.device).manual_seed(0)
+        samples = model.sample(len(x), cond if model.config.conditions else None, g)
+    model.train()
+    for tag, imgs in (("val/real", x), ("val/recon", recon), ("samples", samples)):
+        writer.add_images(tag, imgs.float().clamp(0, 1).cpu(), step)
