@@ -55,3 +55,35 @@ def ixi_folder(tmp_path: Path) -> Path:
         rows.append({"IXI_ID": i, "SEX_ID (1=m, 2=f)": 1 + i % 2, "AGE": 20.0 + 10 * i})
     pd.DataFrame(rows).to_csv(root / "demographics.csv", index=False)
     return root
+
+
+def make_store(path: Path, n_subjects: int = 6, slices: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """A tiny slice store of disc-shaped 'brains' whose radius grows with age (no preprocessing)."""
+    from brainvae.config import PrepareConfig
+    from brainvae.data.store import write_store
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    images, rows = [], []
+    splits = ["train", "train", "train", "train", "val", "test"]
+    for s in range(n_subjects):
+        age, sex = 20 + 60 * s / max(n_subjects - 1, 1), "MF"[s % 2]
+        for k in range(slices):
+            r = 0.5 + 0.3 * age / 80 * np.sin(np.pi * (k + 1) / (slices + 1))
+            img = np.clip((xx ** 2 + yy ** 2 < r ** 2) * (0.6 + 0.1 * rng.standard_normal((size, size))), 0, 1)
+            images.append(img.astype(np.float32))
+            rows.append({"subject": f"S{s:02d}", "hospital": "SIM", "age": age, "sex": sex,
+                         "split": splits[s % len(splits)], "slice_index": k, "position": k / (slices - 1),
+                         "brain_fraction": float((img > 0).mean()), "lesion_fraction": np.nan,
+                         "source": "synthetic", "checksum": "0"})
+    images = np.stack(images)
+    manifest = pd.DataFrame(rows)
+    subjects = manifest.drop_duplicates("subject")[["subject", "hospital", "age", "sex", "split"]]
+    write_store(path, {"images": images, "brain": (images > 0).astype(np.uint8)}, manifest, subjects,
+                PrepareConfig(size=size), {"synthetic": True}, [])
+    return path
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> Path:
+    return make_store(tmp_path / "store")

@@ -173,6 +173,32 @@ def train_cmd(
                f"nats/pixel -> {out}")
 
 
+@app.command("tune")
+@user_errors
+def tune_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config TOML with a [tune] search space.")],
+    data: Annotated[Path, typer.Option(help="Slice store.")],
+    out: Annotated[Path, typer.Option(help="Study folder (trials, study.db, trials.csv, best.toml).")],
+    trials: Annotated[int, typer.Option(help="Trials to run in this worker.")] = 10,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite in OUT).")] = None,
+    study: Annotated[str, typer.Option(help="Study name (workers sharing storage join it).")] = "brainvae",
+    steps: Annotated[Optional[int], typer.Option(help="Steps per trial.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget per trial, e.g. 5m.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per trial.")] = None,
+    seed: int = 0, device: Device = "auto", quiet: Quiet = False,
+) -> None:
+    """Search hyper-parameters with Optuna (TPE sampler, median pruning on validation loss)."""
+    from .config import RunConfig
+    from .tune import tune
+
+    cfg = load_config(RunConfig, config)
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs))
+    result = tune(cfg, data, out, trials=trials, storage=storage, study_name=study, device=device, seed=seed,
+                  progress=not quiet)
+    typer.echo(f"best of {result['completed']} completed trials ({result['pruned']} pruned): "
+               f"{result['best_value']:.4f} nats/pixel with {result['best_params']} -> {out / 'best.toml'}")
+
+
 Age = Annotated[Optional[float], typer.Option(help="Age in years (conditional models).")]
 Sex = Annotated[Optional[str], typer.Option(help="M or F (conditional models).")]
 Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]

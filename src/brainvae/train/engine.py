@@ -130,8 +130,12 @@ def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resum
 
 
 def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = "auto", resume: bool = False,
-          force: bool = False, progress: bool = True) -> dict:
-    """Train ``run_cfg`` on the store; returns the summary written to ``summary.json``."""
+          force: bool = False, progress: bool = True, on_validate=None) -> dict:
+    """Train ``run_cfg`` on the store; returns the summary written to ``summary.json``.
+
+    ``on_validate(step, epoch, val_loss_per_pixel)`` is called after each epoch's
+    validation (``brainvae tune`` prunes trials from it by raising).
+    """
     run_dir = Path(run_dir)
     store = SliceStore(store_path)
     rank, world = _distributed()
@@ -267,6 +271,8 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
                 emit({"step": st["step"], "epoch": st["epoch"], **{f"val/{k}": v / n_pixels for k, v in val.items()}})
                 if writer is not None:
                     _log_images(writer, model, ema, val_data, st["step"])
+                if on_validate is not None:
+                    on_validate(st["step"], st["epoch"], val["loss"] / n_pixels)
                 if val["loss"] < st["best_val"]:
                     st["best_val"], st["bad_epochs"] = val["loss"], 0
                     save("best")
@@ -328,7 +334,7 @@ def _validate(model, ema, data: SliceBatches, cfg, amp, dev) -> dict[str, float]
         n_batches = min(n_batches, cfg.val_batches)
         order = np.random.default_rng(0).permutation(len(data))  # a fixed, representative subset
     ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
-    with ctx:
+    with ctx, torch.random.fork_rng(devices=[]):  # validation must not shift the training RNG stream
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, cond = data.batch(idx)
