@@ -30,16 +30,21 @@ class ResBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """(B, c_in, S, S) -> (B, channels[-1], S / 2**len(channels), S / 2**len(channels))."""
+    """(B, c_in, S, S) -> (B, channels[-1], S / (patch * 2**(len(channels) - 1)), ...).
 
-    def __init__(self, channels: tuple[int, ...], c_in: int = 1, res_blocks: int = 0):
+    The first stage folds ``patch x patch`` pixel blocks into channels
+    (space-to-depth, as in ViT patches or ESPCN) instead of running convolutions
+    at full resolution: full-resolution convs with few channels are memory-bound
+    and waste most of a CPU's matmul throughput. The later stages are stride-2 convs.
+    """
+
+    def __init__(self, channels: tuple[int, ...], c_in: int = 1, res_blocks: int = 0, patch: int = 2):
         super().__init__()
-        layers: list[nn.Module] = []
-        prev = c_in
-        for c in channels:
+        layers: list[nn.Module] = [nn.PixelUnshuffle(patch), conv_bn_act(c_in * patch * patch, channels[0])]
+        layers.extend(ResBlock(channels[0]) for _ in range(res_blocks))
+        for prev, c in zip(channels, channels[1:]):
             layers.append(conv_bn_act(prev, c, stride=2))
             layers.extend(ResBlock(c) for _ in range(res_blocks))
-            prev = c
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,16 +52,20 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """(B, channels[-1], s, s) -> (B, c_out, s * 2**len(channels), ...), mirrored encoder, raw output."""
+    """Mirror of :class:`ConvEncoder`: (B, channels[-1], s, s) -> (B, c_out, s * patch * 2**(len(channels) - 1), ...).
 
-    def __init__(self, channels: tuple[int, ...], c_out: int = 1, res_blocks: int = 0):
+    Raw output (no final activation); the last stage is depth-to-space (pixel shuffle).
+    """
+
+    def __init__(self, channels: tuple[int, ...], c_out: int = 1, res_blocks: int = 0, patch: int = 2):
         super().__init__()
         layers: list[nn.Module] = []
         rev = tuple(reversed(channels))
-        for c_in, c in zip(rev, rev[1:] + (rev[-1],)):
+        for c_in, c in zip(rev, rev[1:]):
             layers.extend(ResBlock(c_in) for _ in range(res_blocks))
             layers.append(up_bn_act(c_in, c))
-        layers.append(nn.Conv2d(rev[-1], c_out, 3, 1, 1))
+        layers.extend(ResBlock(channels[0]) for _ in range(res_blocks))
+        layers += [nn.Conv2d(channels[0], c_out * patch * patch, 3, 1, 1), nn.PixelShuffle(patch)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ from .registry import register
 
 @dataclass(frozen=True)
 class VAEConfig(BaseConfig):
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # one stride-2 stage each
+    channels: tuple[int, ...] = (64, 128, 256)  # stage widths: space-to-depth stage, then stride-2 stages
+    patch: int = 4  # the first stage folds patch x patch pixels into channels
     res_blocks: int = 0  # residual blocks per stage
     latent_dim: int = 128
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
@@ -32,8 +33,9 @@ class VAEConfig(BaseConfig):
         super().__post_init__()
         from ..config import _check
 
-        _check(self.image_size // 2 ** len(self.channels) >= 2,
-               f"{len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "patch must be a power of two")
+        _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
+               f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
         _check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
 
 
@@ -44,14 +46,14 @@ class VAE(BrainModel):
     def __init__(self, config: VAEConfig):
         super().__init__(config)
         c = config
-        self.bottom = c.image_size // 2 ** len(c.channels)  # spatial size at the bottleneck
+        self.bottom = c.image_size // (c.patch * 2 ** (len(c.channels) - 1))  # spatial size at the bottleneck
         flat = c.channels[-1] * self.bottom ** 2
         k = c.cond_dim if c.conditions else 0
         self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None
-        self.encoder = ConvEncoder(c.channels, 1, c.res_blocks)
+        self.encoder = ConvEncoder(c.channels, 1, c.res_blocks, c.patch)
         self.to_posterior = nn.Linear(flat + k, 2 * c.latent_dim)
         self.from_latent = nn.Linear(c.latent_dim + k, flat)
-        self.decoder = ConvDecoder(c.channels, 1, c.res_blocks)
+        self.decoder = ConvDecoder(c.channels, 1, c.res_blocks, c.patch)
 
     def _embed(self, cond: Cond, n: int) -> Tensor | None:
         if self.cond is None:
