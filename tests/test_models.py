@@ -9,8 +9,6 @@ from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.registry import architectures, build, make_config
 from brainvae.train.checkpoint import load_model, load_weights, save_weights
 
-import brainvae.models.registry as _R
-_R._load_all = lambda: __import__("brainvae.models.cevae")  # TEMP until vqvae/resvae land
 ARCHS = architectures()
 
 

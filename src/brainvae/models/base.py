@@ -81,6 +81,49 @@ def gaussian_nll(x: Tensor, mean: Tensor, log_sigma: Tensor | float) -> Tensor:
     return nll.flatten(1).sum(1)
 
 
+PRIORS = ("standard", "fitted")
+
+
+class FittedGaussianPrior(nn.Module):
+    """A Gaussian fitted to the aggregate posterior q(z), for sampling.
+
+    Exponential moving averages of E[z] and E[z z^T] over training posterior
+    samples (kept as buffers, like BatchNorm's statistics, so they travel with
+    the checkpoint). Sampling z = mean + scale @ eps instead of z = eps is ex-post
+    density estimation with one Gaussian (Ghosh et al. 2020, "From Variational to
+    Deterministic Autoencoders"; the simplest second stage of Dai & Wipf 2019):
+    short trainings leave q(z) far from N(0, I) (measured on IXI: covariance
+    eigenvalues from 0.04 to 17 after 1,600 steps), and N(0, I) samples fall
+    where the decoder never was. A fresh prior is N(0, I).
+    """
+
+    def __init__(self, dim: int, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("prior_mean", torch.zeros(dim))
+        self.register_buffer("prior_moment", torch.eye(dim))
+
+    @torch.no_grad()
+    def update(self, z: Tensor) -> None:
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.detach().float().flatten(1)  # (B, D)
+            self.prior_mean.lerp_(z.mean(0), 1.0 - self.decay)
+            self.prior_moment.lerp_(z.T @ z / len(z), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def mean_and_scale(self) -> tuple[Tensor, Tensor]:
+        """Mean (D,) and a square root (D, D) of the fitted covariance."""
+        mean = self.prior_mean.double()
+        cov = self.prior_moment.double() - torch.outer(mean, mean)
+        vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        return mean.float(), (vecs * vals.clamp(min=0).sqrt()).float()
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        mean, scale = self.mean_and_scale()
+        return mean + randn((n, mean.numel()), generator, device) @ scale.T  # (n, D)
+
+
 class Conditioning(nn.Module):
     """Turns user-unit conditions into a vector: (B,) tensors -> (B, dim).
 

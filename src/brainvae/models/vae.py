@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import BaseConfig, BrainModel, Cond, Conditioning, DiagonalGaussian, Output, gaussian_nll, randn
+from .base import PRIORS, BaseConfig, FittedGaussianPrior, BrainModel, Cond, Conditioning, DiagonalGaussian, Output, gaussian_nll, randn
 from .blocks import ConvDecoder, ConvEncoder
 from .registry import register
 
@@ -28,6 +28,9 @@ class VAEConfig(BaseConfig):
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
     sigma: float = 0.1  # fixed per-pixel std of the Gaussian likelihood
     cond_dim: int = 32  # width of the conditioning embedding
+    # Sampling prior: "standard" N(0, I) (the textbook VAE) or "fitted", a Gaussian
+    # fitted to the aggregate posterior (see FittedGaussianPrior).
+    prior: str = "standard"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +40,7 @@ class VAEConfig(BaseConfig):
         _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
                f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
         _check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
+        _check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
 
 
 @register("vae", VAEConfig)
@@ -54,6 +58,7 @@ class VAE(BrainModel):
         self.to_posterior = nn.Linear(flat + k, 2 * c.latent_dim)
         self.from_latent = nn.Linear(c.latent_dim + k, flat)
         self.decoder = ConvDecoder(c.channels, 1, c.res_blocks, c.patch)
+        self.prior = FittedGaussianPrior(c.latent_dim) if c.prior == "fitted" else None
 
     def _embed(self, cond: Cond, n: int) -> Tensor | None:
         if self.cond is None:
@@ -84,20 +89,27 @@ class VAE(BrainModel):
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         posterior = self.encode(x, cond)
-        recon = self.decode(posterior.sample(), cond)
+        z = posterior.sample()
+        if self.training and self.prior is not None:
+            self.prior.update(z)
+        recon = self.decode(z, cond)
         return Output(recon, posterior, self.losses(x, recon, posterior, kl_scale))
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
-        z = randn((n, self.config.latent_dim), generator, self.device)
+        if self.prior is not None:
+            z = self.prior.sample(n, generator, self.device)
+        else:
+            z = randn((n, self.config.latent_dim), generator, self.device)
         return self.decode(z, self.default_cond(n, cond) if self.cond is not None else None)
 
 
 @dataclass(frozen=True)
 class CVAEConfig(VAEConfig):
     conditions: tuple[str, ...] = ("age", "sex", "position")
+    prior: str = "fitted"
 
 
 @register("cvae", CVAEConfig)
 class CVAE(VAE):
-    """The VAE conditioned on age, sex and slice position by default."""
+    """The VAE conditioned on age, sex and slice position, sampling from a fitted prior by default."""
