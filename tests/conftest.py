@@ -8,6 +8,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+
+# Tests use tiny tensors: one thread avoids OpenMP contention on small shared machines.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

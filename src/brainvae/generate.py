@@ -61,12 +61,17 @@ def conditions(model, age: float | None, sex: str | float | None, position: floa
 
 
 @torch.no_grad()
-def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256) -> np.ndarray:
-    """n samples as (n, H, W) float32, reproducible from ``seed``."""
+def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256,
+                  precision: str = "auto") -> np.ndarray:
+    """n samples as (n, H, W) float32, reproducible from ``seed`` (bf16 autocast unless precision="fp32")."""
+    from .train.engine import autocast_dtype
+
     g = torch.Generator(device=model.device).manual_seed(seed)
+    dtype = autocast_dtype(precision, model.device)
     out = []
-    for start in range(0, n, batch_size):
-        out.append(model.sample(min(batch_size, n - start), cond, g).float().clamp(0, 1)[:, 0].cpu().numpy())
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+        for start in range(0, n, batch_size):
+            out.append(model.sample(min(batch_size, n - start), cond, g).float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 
