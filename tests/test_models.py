@@ -117,3 +117,14 @@ def test_loud_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(InputFileError, match="junk.safetensors"):
         load_model(tmp_path / "junk.safetensors")
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    from brainvae.config import RunConfig, load_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(files) >= 5
+    archs = {load_config(RunConfig, f).model_config().__class__.__name__ for f in files}
+    assert len(archs) >= 5
