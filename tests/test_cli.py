@@ -19,7 +19,8 @@ def invoke(*args: str):
 
 def test_help_on_every_command():
     for cmd in ([], ["data"], ["data", "describe"], ["data", "simulate"], ["data", "prepare"],
-                ["data", "download"], ["demo"]):
+                ["data", "download"], ["data", "show"], ["train"], ["tune"], ["sample"], ["reconstruct"],
+                ["interpolate"], ["demo"]):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, (cmd, result.output)
         assert "Usage" in result.output
@@ -62,3 +63,50 @@ def test_user_errors_exit_1_without_traceback(tmp_path):
     assert r.exit_code == 1 and "axis must be one of" in r.output
     r = invoke("data", "download", "brats")
     assert r.exit_code == 1 and "only 'ixi'" in r.output
+
+
+def test_train_sample_reconstruct_interpolate(tiny_store, tmp_path):
+    import nibabel as nib
+
+    cfg = tmp_path / "cvae.toml"
+    cfg.write_text('[model]\narch = "cvae"\nimage_size = 32\nchannels = [8, 16]\nlatent_dim = 8\n\n'
+                   '[train]\nbatch_size = 8\nval_batches = 1\nprecision = "fp32"\n')
+    run = tmp_path / "run"
+    r = invoke("train", cfg, "--data", tiny_store, "--out", run, "--steps", 3, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "trained cvae: 3 steps" in r.output
+
+    r = invoke("sample", run, "-n", 5, "--age", 70, "--sex", "F", "--position", 0.5)
+    assert r.exit_code == 0, r.output
+    samples = run / "samples"
+    assert (samples / "grid.png").exists() and len(list((samples / "png").glob("*.png"))) == 5
+    assert np.load(samples / "slices.npy").shape == (5, 32, 32)
+    assert nib.load(samples / "slices.nii.gz").shape == (32, 32, 5)
+    r = invoke("sample", run, "-n", 5)
+    assert r.exit_code == 1 and "already exists" in r.output  # never overwritten without --force
+
+    r = invoke("reconstruct", run, "--data", tiny_store, "-n", 4)
+    assert r.exit_code == 0, r.output
+    assert np.load(run / "reconstructions" / "slices.npy").shape == (8, 32, 32)
+    r = invoke("interpolate", run, 0, 20, "--data", tiny_store, "--steps", 5)
+    assert r.exit_code == 0, r.output
+    strip = np.load(run / "interpolation-0-20" / "slices.npy")
+    assert strip.shape == (5, 32, 32)
+    r = invoke("interpolate", run, 0, 10_000, "--data", tiny_store)
+    assert r.exit_code == 1 and "is not in" in r.output
+
+    r = invoke("train", cfg, "--data", tiny_store, "--out", run, "--resume", "--steps", 5, "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_sampling_refuses_conditions_the_model_lacks(tiny_store, tmp_path):
+    cfg = tmp_path / "vae.toml"
+    cfg.write_text('[model]\narch = "vae"\nimage_size = 32\nchannels = [8, 16]\nlatent_dim = 8\n\n'
+                   '[train]\nbatch_size = 8\nval_batches = 1\nprecision = "fp32"\n')
+    assert invoke("train", cfg, "--data", tiny_store, "--out", tmp_path / "run", "--steps", 2, "--quiet").exit_code == 0
+    r = invoke("sample", tmp_path / "run", "--age", 40)
+    assert r.exit_code == 1 and "not conditioned on ['age']" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\narch = "vqvae2"\n')
+    r = invoke("train", bad, "--data", tiny_store, "--out", tmp_path / "r2")
+    assert r.exit_code == 1 and "unknown architecture 'vqvae2'" in r.output

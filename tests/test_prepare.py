@@ -158,6 +158,12 @@ def test_lesion_masks_are_carried(tmp_path):
     store = SliceStore(out)
     assert store.has_lesions and store.array("lesion").sum() > 0
     assert store.manifest["lesion_fraction"].max() > 0
+    from brainvae.report.figures import save_store_montage
+
+    png = save_store_montage(store, tmp_path / "show.png", per_subject=3)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(BrainVAEError, match="no slices for subject"):
+        save_store_montage(store, tmp_path / "x.png", subjects=["nobody"])
 
 
 def test_config_toml_round_trip_and_validation(tmp_path):

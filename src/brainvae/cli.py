@@ -80,6 +80,23 @@ def data_simulate(
     typer.echo(f"simulated {len(table)} subjects (NOT real data) -> {out}")
 
 
+@data_app.command("show")
+@user_errors
+def data_show(
+    store: Annotated[Path, typer.Argument(help="Slice store.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("slices.png"),
+    subject: Annotated[Optional[list[str]], typer.Option(help="Subject(s) to show (repeatable).")] = None,
+    n: Annotated[int, typer.Option("-n", help="Subjects to show when none are named.")] = 4,
+    columns: Annotated[int, typer.Option(help="Slices per subject.")] = 6,
+) -> None:
+    """Show slices of a prepared store with brain-mask and lesion outlines."""
+    from .data.store import SliceStore
+    from .report.figures import save_store_montage
+
+    path = save_store_montage(SliceStore(store), out, subjects=subject, n_subjects=n, per_subject=columns)
+    typer.echo(f"-> {path}")
+
+
 @data_app.command("download")
 @user_errors
 def data_download(
