@@ -175,3 +175,18 @@ def test_config_toml_round_trip_and_validation(tmp_path):
         load_config(PrepareConfig, tmp_path / "bad.toml")
     with pytest.raises(BrainVAEError, match="axis must be one of"):
         PrepareConfig(axis="oblique")
+
+
+def test_npy_appender_writes_a_loadable_array(tmp_path):
+    from brainvae.data.store import NpyAppender
+
+    a = NpyAppender(tmp_path / "x.npy", np.float32, (3, 4))
+    blocks = [np.random.default_rng(i).random((n, 3, 4)) for i, n in enumerate((2, 0, 5))]
+    for b in blocks:
+        a.append(b)
+    a.close()
+    out = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert out.shape == (7, 3, 4) and out.dtype == np.float32
+    assert np.allclose(out, np.concatenate(blocks).astype(np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        NpyAppender(tmp_path / "y.npy", np.uint8, (3, 4)).append(np.zeros((1, 4, 3)))

@@ -17,7 +17,7 @@ from ..io.scan import Inventory, Scan
 from ..provenance import provenance
 from .preprocess import PreparedVolume, prepare_volume
 from .split import assign_splits
-from .store import write_store
+from .store import StoreWriter
 
 
 def _init_worker() -> None:
@@ -49,60 +49,58 @@ def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, work
     workers = max(1, min(workers or os.cpu_count() or 1, len(scans)))
     start = time.perf_counter()
     jobs = [(s, cfg) for s in scans]
-    bar = tqdm(total=len(jobs), unit="vol", desc="prepare", disable=not progress)
-    results: list[PreparedVolume | BrainVAEError] = []
-    if workers == 1:
-        _init_worker()
-        for job in jobs:
-            results.append(_run_one(job))
-            bar.update()
-    else:
+    kept: list[tuple[Scan, PreparedVolume, np.ndarray | float]] = []  # pixels already on disk
+    with StoreWriter(out, (cfg.size, cfg.size), lesions=any(s.lesion for s in scans), force=force) as writer:
+        for scan, result in zip(scans, _map(jobs, workers, progress)):
+            if isinstance(result, BrainVAEError):
+                if strict:
+                    raise result
+                problems.append(f"skipped: {result}")
+            elif len(result.slices) == 0:
+                problems.append(f"skipped: {scan.image}: no slice passes the slice selection")
+            else:
+                writer.add(result.slices, result.brain, result.lesion)
+                lesion_fraction = (result.lesion.reshape(len(result.lesion), -1).mean(axis=1)
+                                   if result.lesion is not None else np.nan)
+                result.slices = result.brain = result.lesion = None  # pixels are on disk; keep the metadata
+                kept.append((scan, result, lesion_fraction))
+        if not kept:
+            raise BrainVAEError(f"{inventory.root}: no volume could be prepared:\n  " + "\n  ".join(problems))
+        elapsed = time.perf_counter() - start
+
+        subjects = pd.DataFrame([{
+            "subject": s.subject, "hospital": s.hospital, "age": s.age, "sex": s.sex, "dataset": s.dataset,
+            "source": str(s.image), "mask": str(s.mask) if s.mask else "", "lesion": str(s.lesion) if s.lesion else "",
+            "checksum": r.checksum, "n_slices": len(r.slice_index), **r.stats,
+        } for s, r, _ in kept])
+        subjects["split"] = assign_splits(subjects.set_index("subject")[["sex", "age"]], cfg.split_ratios,
+                                          cfg.age_bands, cfg.seed).to_numpy()
+        manifest = pd.concat([pd.DataFrame({
+            "subject": s.subject, "hospital": s.hospital, "age": s.age, "sex": s.sex,
+            "split": split, "slice_index": r.slice_index, "position": r.position,
+            "brain_fraction": r.brain_fraction,
+            "lesion_fraction": lesion_fraction, "source": str(s.image), "checksum": r.checksum,
+        }) for (s, r, lesion_fraction), split in zip(kept, subjects["split"])], ignore_index=True)
+        info = provenance(
+            source=str(inventory.root), dataset=inventory.dataset, demographics=str(inventory.demographics or ""),
+            masks=str(inventory.masks or ""), n_volumes=len(scans), n_prepared=len(kept), n_slices=len(manifest),
+            seconds=round(elapsed, 2), volumes_per_second=round(len(scans) / elapsed, 2), workers=workers,
+            config=to_dict(cfg),
+        )
+        writer.finish(manifest, subjects, cfg, info, problems)
+    return out
+
+
+def _map(jobs: list, workers: int, progress: bool):
+    """Results of ``_run_one`` in job order, as they complete, with a progress bar."""
+    with tqdm(total=len(jobs), unit="vol", desc="prepare", disable=not progress) as bar:
+        if workers == 1:
+            _init_worker()
+            for job in jobs:
+                yield _run_one(job)
+                bar.update()
+            return
         with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
             for result in pool.map(_run_one, jobs, chunksize=1):
-                results.append(result)
+                yield result
                 bar.update()
-    bar.close()
-    elapsed = time.perf_counter() - start
-
-    kept: list[tuple[Scan, PreparedVolume]] = []
-    for scan, result in zip(scans, results):
-        if isinstance(result, BrainVAEError):
-            if strict:
-                raise result
-            problems.append(f"skipped: {result}")
-        elif len(result.slices) == 0:
-            problems.append(f"skipped: {scan.image}: no slice passes the slice selection")
-        else:
-            kept.append((scan, result))
-    if not kept:
-        raise BrainVAEError(f"{inventory.root}: no volume could be prepared:\n  " + "\n  ".join(problems))
-
-    subjects = pd.DataFrame([{
-        "subject": s.subject, "hospital": s.hospital, "age": s.age, "sex": s.sex, "dataset": s.dataset,
-        "source": str(s.image), "mask": str(s.mask) if s.mask else "", "lesion": str(s.lesion) if s.lesion else "",
-        "checksum": r.checksum, "n_slices": len(r.slices), **r.stats,
-    } for s, r in kept])
-    subjects["split"] = assign_splits(subjects.set_index("subject")[["sex", "age"]], cfg.split_ratios,
-                                      cfg.age_bands, cfg.seed).to_numpy()
-    manifest = pd.concat([pd.DataFrame({
-        "subject": s.subject, "hospital": s.hospital, "age": s.age, "sex": s.sex,
-        "split": split, "slice_index": r.slice_index, "position": r.position,
-        "brain_fraction": r.brain_fraction,
-        "lesion_fraction": (r.lesion.reshape(len(r.lesion), -1).mean(axis=1) if r.lesion is not None else np.nan),
-        "source": str(s.image), "checksum": r.checksum,
-    }) for (s, r), split in zip(kept, subjects["split"])], ignore_index=True)
-
-    arrays = {
-        "images": np.concatenate([r.slices for _, r in kept]),
-        "brain": np.concatenate([r.brain for _, r in kept]),
-    }
-    if any(r.lesion is not None for _, r in kept):
-        arrays["lesion"] = np.concatenate([
-            r.lesion if r.lesion is not None else np.zeros_like(r.brain) for _, r in kept])
-    info = provenance(
-        source=str(inventory.root), dataset=inventory.dataset, demographics=str(inventory.demographics or ""),
-        masks=str(inventory.masks or ""), n_volumes=len(scans), n_prepared=len(kept), n_slices=len(manifest),
-        seconds=round(elapsed, 2), volumes_per_second=round(len(scans) / elapsed, 2), workers=workers,
-        config=to_dict(cfg),
-    )
-    return write_store(out, arrays, manifest, subjects, cfg, info, problems, force=force)

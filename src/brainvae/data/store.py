@@ -27,24 +27,93 @@ from ..config import PrepareConfig, load_config, save_config
 from ..errors import BrainVAEError
 from ..io.atomic import atomic_dir
 
-ARRAYS = ("images", "brain", "lesion")
+
+
+class NpyAppender:
+    """Writes an (N, H, W) ``.npy`` file block by block; N is known only at the end.
+
+    A fixed-size header is reserved and filled in by ``close``, so slices go to
+    disk as volumes finish instead of being concatenated in memory.
+    """
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, dtype, frame_shape: tuple[int, ...]):
+        self.path, self.dtype, self.frame_shape, self.n = Path(path), np.dtype(dtype), tuple(frame_shape), 0
+        self.file = open(self.path, "wb")
+        self.file.write(b"\0" * self.HEADER_BYTES)
+
+    def append(self, block: np.ndarray) -> None:
+        if tuple(block.shape[1:]) != self.frame_shape:
+            raise ValueError(f"{self.path.name}: block of shape {block.shape}, expected (n, *{self.frame_shape})")
+        self.file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.n += len(block)
+
+    def close(self) -> None:
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                       "shape": (self.n, *self.frame_shape)})
+        text = header.ljust(self.HEADER_BYTES - 10 - 1) + "\n"  # magic(6) + version(2) + length(2)
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1"))
+        self.file.close()
+
+
+class StoreWriter:
+    """Build a store in a temporary folder that replaces ``path`` only when ``finish`` succeeded.
+
+        with StoreWriter(path, (H, W), lesions=True, force=False) as w:
+            w.add(images, brain, lesion)        # per volume, (n, H, W) each
+            w.finish(manifest, subjects, cfg, provenance, problems)
+    """
+
+    def __init__(self, path: Path, frame_shape: tuple[int, int], *, lesions: bool, force: bool = False):
+        self.path, self.frame_shape, self.lesions, self.force = Path(path), tuple(frame_shape), lesions, force
+
+    def __enter__(self) -> "StoreWriter":
+        self._dir = atomic_dir(self.path, force=self.force)
+        tmp = self._dir.__enter__()
+        self.tmp = tmp
+        self.arrays = {"images": NpyAppender(tmp / "images.npy", np.float32, self.frame_shape),
+                       "brain": NpyAppender(tmp / "brain.npy", np.uint8, self.frame_shape)}
+        if self.lesions:
+            self.arrays["lesion"] = NpyAppender(tmp / "lesion.npy", np.uint8, self.frame_shape)
+        self.finished = False
+        return self
+
+    def add(self, images: np.ndarray, brain: np.ndarray, lesion: np.ndarray | None = None) -> None:
+        self.arrays["images"].append(images)
+        self.arrays["brain"].append(brain)
+        if self.lesions:
+            self.arrays["lesion"].append(lesion if lesion is not None else np.zeros_like(brain))
+
+    def finish(self, manifest: pd.DataFrame, subjects: pd.DataFrame, cfg: PrepareConfig, provenance: dict,
+               problems: list[str]) -> None:
+        if len(manifest) != self.arrays["images"].n:
+            raise ValueError(f"{len(manifest)} manifest rows for {self.arrays['images'].n} slices")
+        manifest.to_csv(self.tmp / "manifest.csv", index=False)
+        subjects.to_csv(self.tmp / "subjects.csv", index=False)
+        save_config(cfg, self.tmp / "prepare.toml")
+        (self.tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+        (self.tmp / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
+        self.finished = True
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for appender in self.arrays.values():
+            appender.close()
+        if exc_type is None and not self.finished:
+            exc = RuntimeError("StoreWriter closed without finish()")
+            self._dir.__exit__(RuntimeError, exc, None)  # discards the temporary folder
+            raise exc
+        self._dir.__exit__(exc_type, exc, tb)  # renames into place, or discards on error
+        return False
 
 
 def write_store(path: Path, arrays: dict[str, np.ndarray], manifest: pd.DataFrame, subjects: pd.DataFrame,
                 cfg: PrepareConfig, provenance: dict, problems: list[str], *, force: bool = False) -> Path:
-    """Write a complete store atomically: nothing appears under ``path`` unless all of it was written."""
-    n = len(manifest)
-    for name, arr in arrays.items():
-        if name not in ARRAYS or arr.shape[0] != n:
-            raise ValueError(f"array {name} with {arr.shape[0]} rows for {n} manifest rows")
-    with atomic_dir(path, force=force) as tmp:
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", arr)
-        manifest.to_csv(tmp / "manifest.csv", index=False)
-        subjects.to_csv(tmp / "subjects.csv", index=False)
-        save_config(cfg, tmp / "prepare.toml")
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-        (tmp / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
+    """Write a complete store from in-memory arrays (atomically)."""
+    with StoreWriter(path, arrays["images"].shape[1:], lesions="lesion" in arrays, force=force) as w:
+        w.add(arrays["images"], arrays["brain"], arrays.get("lesion"))
+        w.finish(manifest, subjects, cfg, provenance, problems)
     return Path(path)
 
 
