@@ -164,6 +164,14 @@ class BrainModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _embed(self, cond: Cond) -> Tensor | None:
+        """The conditioning embedding (B, cond_dim), or None for an unconditioned model (``self.cond``)."""
+        if getattr(self, "cond", None) is None:
+            return None
+        if cond is None:
+            raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
+        return self.cond(cond)
+
     def encode(self, x: Tensor, cond: Cond = None):
         raise NotImplementedError
 

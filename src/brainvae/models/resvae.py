@@ -241,13 +241,6 @@ class ResVAE(BrainModel):
             self.decoder.head.bias[sigma] = lo + math.log(math.expm1(init - lo))  # softplus^-1
 
     # -- conditioning -------------------------------------------------------------------------------
-    def _embed(self, cond: Cond) -> Tensor | None:
-        if self.cond is None:
-            return None
-        if cond is None:
-            raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
-        return self.cond(cond)
-
     @staticmethod
     def _append(h: Tensor, e: Tensor | None) -> Tensor:
         """Concatenate the condition embedding (B, k) to flat (B, F) or spatial (B, C, s, s) features."""

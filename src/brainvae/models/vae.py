@@ -60,23 +60,16 @@ class VAE(BrainModel):
         self.decoder = ConvDecoder(c.channels, 1, c.res_blocks, c.patch)
         self.prior = FittedGaussianPrior(c.latent_dim) if c.prior == "fitted" else None
 
-    def _embed(self, cond: Cond, n: int) -> Tensor | None:
-        if self.cond is None:
-            return None
-        if cond is None:
-            raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
-        return self.cond(cond)
-
     def encode(self, x: Tensor, cond: Cond = None) -> DiagonalGaussian:
         h = self.encoder(x).flatten(1)  # (B, C * s * s)
-        e = self._embed(cond, len(x))
+        e = self._embed(cond)
         if e is not None:
             h = torch.cat([h, e.to(h.dtype)], 1)
         mean, logvar = self.to_posterior(h).chunk(2, dim=1)  # (B, latent_dim) each
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: Tensor, cond: Cond = None) -> Tensor:
-        e = self._embed(cond, len(z))
+        e = self._embed(cond)
         if e is not None:
             z = torch.cat([z, e.to(z.dtype)], 1)
         h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom, self.bottom)

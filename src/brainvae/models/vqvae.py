@@ -313,13 +313,6 @@ class VQVAE(BrainModel):
         self.prior = CodePrior(c.codebook_size, self.bottom ** 2, c.prior_width, c.prior_layers, c.prior_heads,
                                c.prior_dropout, c.cond_dim if c.conditions else 0, c.prior_window)
 
-    def _embed(self, cond: Cond) -> Tensor | None:
-        if self.cond is None:
-            return None
-        if cond is None:
-            raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
-        return self.cond(cond)
-
     def _quantise(self, z_e: Tensor, update: bool) -> Quantised:
         b, d, h, w = z_e.shape
         flat = z_e.detach().float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
