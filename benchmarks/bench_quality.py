@@ -92,7 +92,7 @@ def part_archs(store_path: Path, archs: list[str], budget: str, n_test: int, run
     rows = []
     for arch in archs:
         run = runs / f"bench-{arch}"
-        cfg_file = ROOT / "configs" / f"{arch}.toml"
+        cfg_file = ROOT / "configs" / f"{arch}.toml"  # an architecture or any config name in configs/
         from brainvae.config import load_config
 
         base = load_config(RunConfig, cfg_file)
@@ -102,15 +102,17 @@ def part_archs(store_path: Path, archs: list[str], budget: str, n_test: int, run
         model = G.load(run)
         x, cond, brain = test_slices(store, model.config.image_size, n_test)
         scores = ssim_scores(x[:, 0].numpy(), reconstruct(model, x, cond), brain)
-        # samples at the test slices' own conditions, so the grids are matched in position/age/sex
-        c = {k: v[:16] for k, v in cond.items()} if model.config.conditions else None
+        # 16 test slices spread over subjects and positions; conditional models sample at the
+        # same conditions, so the grids are matched in position, age and sex
+        show = np.linspace(0, len(x) - 1, 16).astype(int)
+        c = {k: v[show] for k, v in cond.items()} if model.config.conditions else None
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         samples = model.sample(16, c, g)[:, 0].float().clamp(0, 1).numpy()
         png = RESULTS / "grids" / f"{arch}_real_vs_sample.png"
-        real_vs_sample_png(png, x[:16, 0].numpy(), samples,
+        real_vs_sample_png(png, x[show, 0].numpy(), samples,
                            f"{arch}: {summary['steps']} steps in {summary['seconds']:.0f} s on IXI T1 (128 px)")
-        row = {"arch": arch, **summary, **scores, "grid": str(png.relative_to(ROOT)),
+        row = {**summary, "arch": arch, **scores, "grid": str(png.relative_to(ROOT)),
                "sample_16_seconds": time.perf_counter() - t0}
         print(json.dumps(row))
         rows.append(row)
