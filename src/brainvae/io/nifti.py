@@ -42,17 +42,18 @@ class Volume:
 
 
 def load_image(path: Path) -> nib.Nifti1Image:
-    """Load a NIfTI header and data proxy, with errors that name the file.
+    """Load a NIfTI image into memory (float32, scaling applied), with errors that name the file.
 
-    The data are read here (not lazily) so that a truncated or corrupt gzip is
-    reported now, as a problem of this file.
+    The data are read here, once (a gzip is decompressed a single time), so a
+    truncated or corrupt file is reported now, as a problem of this file; the
+    header (original dtype, zooms) is kept.
     """
     path = Path(path)
     if not path.exists():
         raise InputFileError(path, "file not found")
     try:
-        img = nib.load(path)
-        img.get_fdata(dtype=np.float32)  # force the read: truncation shows here
+        proxy = nib.load(path)
+        img = nib.Nifti1Image(proxy.get_fdata(dtype=np.float32), proxy.affine, proxy.header)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputFileError(path, f"truncated or corrupt gzip ({exc})") from None
     except nib.filebasedimages.ImageFileError as exc:
