@@ -113,9 +113,9 @@ def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resum
         if not cfg_path.exists():
             raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
         return load_config(RunConfig, cfg_path)  # the run's own config wins
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise OutputExistsError(run_dir)
-    if rank == 0:
+    if rank == 0:  # only rank 0 looks: other ranks would see the folder rank 0 just created
+        if run_dir.exists() and any(run_dir.iterdir()) and not force:
+            raise OutputExistsError(run_dir)
         if run_dir.exists() and force:
             import shutil
 
