@@ -16,15 +16,6 @@ from brainvae.models.resvae import ResVAE, ResVAEConfig
 COND = ("age", "sex", "position")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs gain nothing from threads, and spinning OpenMP threads crawl on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**extra) -> ResVAE:
     torch.manual_seed(0)
     return ResVAE(ResVAEConfig(**{"image_size": 32, "channels": (8, 16, 16), "latent_dim": 16, **extra}))

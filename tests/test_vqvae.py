@@ -13,15 +13,6 @@ TINY = {"image_size": 32, "channels": (8, 16, 16), "res_blocks": 1, "codebook_si
         "prior_layers": 2, "prior_width": 32, "prior_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest and immune to other jobs on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**extra) -> vq.VQVAE:
     torch.manual_seed(0)
     return registry.build("vqvae", {**TINY, **extra})

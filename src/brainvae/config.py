@@ -127,10 +127,8 @@ class RunConfig:
     tune: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .models.registry import make_config
-
         _check("arch" in self.model, "[model] needs an 'arch' key")
-        make_config(self.model["arch"], {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
+        self.model_config()  # validates the architecture and its fields
 
     @property
     def arch(self) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..config import PrepareConfig, to_dict
-from ..errors import BrainVAEError
+from ..errors import BrainVAEError, OutputExistsError
 from ..io.scan import Inventory, Scan
 from ..provenance import provenance
 from .preprocess import PreparedVolume, prepare_volume
@@ -38,9 +38,7 @@ def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, work
                     strict: bool = False, force: bool = False, progress: bool = True) -> Path:
     """Preprocess all scans of ``inventory`` into the store ``out`` (see :mod:`brainvae.data.store`)."""
     out = Path(out)
-    if out.exists() and not force:
-        from ..errors import OutputExistsError
-
+    if out.exists() and not force:  # fail before any work; StoreWriter checks again when it opens
         raise OutputExistsError(out)
     scans = inventory.scans
     problems = list(inventory.problems)
