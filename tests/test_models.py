@@ -30,7 +30,18 @@ def batch(n=4, size=32):
 
 
 def test_registry_lists_the_issue_architectures():
-    assert {"vae", "cvae", "vqvae", "cevae", "resvae"} <= set(ARCHS)
+    assert {"vae", "cvae", "vqvae", "cevae", "resvae", "ae"} <= set(ARCHS)
+
+
+def test_ae_is_deterministic_and_has_no_kl():
+    model = tiny("ae").train()
+    x, _ = batch()
+    a, b = model(x), model(x)
+    assert torch.equal(a.recon, b.recon)  # no latent sampling
+    assert torch.all(a.losses["kl"] == 0) and torch.allclose(a.losses["loss"], a.losses["recon"])
+    assert not model.stochastic and tiny("vae").stochastic
+    with pytest.raises(BrainVAEError, match="beta must be 0"):
+        make_config("ae", {"beta": 1.0})
 
 
 @pytest.mark.parametrize("arch", ARCHS)

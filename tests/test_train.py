@@ -75,6 +75,15 @@ def test_budget_stops_training(tiny_store, tmp_path):
     assert summary["seconds"] < 30 and summary["steps"] > 0
 
 
+def test_patience_stops_early_and_zero_turns_it_off(tiny_store, tmp_path, monkeypatch):
+    import brainvae.train.engine as engine
+
+    monkeypatch.setattr(engine, "_validate", lambda *a, **k: {"loss": 1.0})  # validation never improves
+    early = train(tmp_path / "a", tiny_store, run_cfg(epochs=6, patience=1), progress=False)
+    full = train(tmp_path / "b", tiny_store, run_cfg(epochs=6, patience=0), progress=False)
+    assert early["epochs"] == 2 and full["steps"] == 3 * early["steps"]  # 2 of 6 epochs, then all 6
+
+
 def test_lr_schedule():
     assert lr_factor(0, 0.0, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(10, 0.0, 10, 0.1) == pytest.approx(1.0)

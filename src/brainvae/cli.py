@@ -221,6 +221,28 @@ Sex = Annotated[Optional[str], typer.Option(help="M or F (conditional models).")
 Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]
 
 
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    configs: Annotated[list[Path], typer.Argument(help="Run configs to compare (one TOML per architecture).")],
+    data: Annotated[Path, typer.Option(help="Slice store from `brainvae data prepare`.")],
+    out: Annotated[Path, typer.Option(help="Comparison folder: one run per config and seed, leaderboard.")] = Path("runs/compare"),
+    budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget per run, e.g. 20m.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Step budget per run (instead of --budget).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per config (confidence intervals when > 1).")] = 1,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per evaluation.")] = 1000,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate each run (brainvae evaluate).")] = True,
+    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Train several architectures with the same seed and budget, evaluate each, write a leaderboard."""
+    from .compare import compare
+
+    board = compare(configs, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
+                    evaluate=evaluate, force=force, progress=not quiet, log=typer.echo)
+    typer.echo(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    typer.echo(f"leaderboard -> {out / 'leaderboard.csv'}")
+
+
 @app.command("sample")
 @user_errors
 def sample_cmd(

@@ -96,7 +96,7 @@ class TrainConfig:
     epochs: int = 30
     steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
     budget: str | None = None  # wall-clock budget such as "20m", "90s", "1.5h"
-    patience: int = 8  # early stopping after this many epochs without validation improvement
+    patience: int = 8  # early stopping after this many epochs without validation improvement (0 = off)
     val_batches: int = 20  # validation batches per epoch (0 = whole split)
     precision: str = "auto"  # auto: bf16 on CPU and on CUDA when supported
     compile: bool = False  # torch.compile the model
@@ -108,6 +108,7 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         _check(self.steps is None or self.steps > 0, "steps must be positive")
+        _check(self.patience >= 0, "patience must be >= 0 (0 = no early stopping)")
         if self.budget is not None:
             parse_duration(self.budget)
 

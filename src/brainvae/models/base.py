@@ -155,6 +155,7 @@ class BrainModel(nn.Module):
     """Base class: shared helpers, no architecture. Subclasses implement encode/decode/forward."""
 
     arch: str = ""  # set by @register
+    stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
 
     def __init__(self, config: BaseConfig):
         super().__init__()

@@ -106,3 +106,35 @@ class CVAEConfig(VAEConfig):
 @register("cvae", CVAEConfig)
 class CVAE(VAE):
     """The VAE conditioned on age, sex and slice position by default."""
+
+
+@dataclass(frozen=True)
+class AEConfig(VAEConfig):
+    beta: float = 0.0  # no KL term: kept only so the VAE network is reused unchanged
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..config import _check
+
+        _check(self.beta == 0, "ae has no KL term: beta must be 0")
+        _check(self.prior == "fitted", "ae samples from a Gaussian fitted to its codes: prior must be 'fitted'")
+
+
+@register("ae", AEConfig)
+class AE(VAE):
+    """Plain deterministic autoencoder: the VAE network, the posterior mean as the code, no KL.
+
+    The anomaly-detection baseline (Baur et al. 2021); it still generates by sampling a
+    Gaussian fitted to its codes (Ghosh et al. 2020's regularised-AE recipe, minus the regulariser).
+    """
+
+    stochastic = False
+
+    def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
+        posterior = self.encode(x, cond)
+        z = posterior.mode()
+        if self.training:
+            self.prior.update(z)
+        recon = self.decode(z, cond)
+        rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
+        return Output(recon, posterior, {"loss": rec, "recon": rec, "kl": torch.zeros_like(rec)})

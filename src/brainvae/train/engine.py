@@ -280,7 +280,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
                     st["bad_epochs"] += 1
                 save("last")
                 last_save = time.perf_counter()
-                if st["bad_epochs"] >= cfg.patience:
+                if cfg.patience and st["bad_epochs"] >= cfg.patience:
                     stop = True
         # A run that stopped mid-epoch validates once more so `best` reflects its end.
         if st["step_in_epoch"] != 0 or not (ckpt / "best.safetensors").exists():

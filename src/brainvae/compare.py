@@ -1,0 +1,152 @@
+"""``brainvae compare``: several architectures, one store, one budget, one leaderboard.
+
+Each config is trained with the same seed(s) and the same wall-clock (or step)
+budget, with early stopping off so every model spends its whole budget; then
+each run is evaluated (``brainvae evaluate``) and the headline numbers are
+gathered into ``leaderboard.csv`` / ``leaderboard.json`` with 95 % confidence
+intervals across seeds (Student t) when ``seeds > 1``.
+
+The comparison folder is resumable: a finished run (``summary.json`` present)
+or evaluation (``eval/metrics.json``) is reused, an interrupted run resumes
+from its last checkpoint; ``force`` starts everything afresh.
+
+    OUT/<config stem>-s<seed>/      one run folder per (config, seed), with eval/
+    OUT/leaderboard.csv|json        mean (and CI) per config
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig, load_config, replace
+from .errors import BrainVAEError
+from .io.atomic import atomic_write_bytes
+from .provenance import provenance
+
+# (column, path in eval/metrics.json, higher is better?)
+HEADLINE: list[tuple[str, tuple[str, ...], bool]] = []
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def headline(summary: dict, metrics: dict | None) -> dict:
+    """The leaderboard row of one run: training figures plus the evaluation's headline numbers."""
+    row = {"steps": summary.get("steps"), "seconds": summary.get("seconds"),
+           "img_per_s": summary.get("images_per_second"), "val_loss": summary.get("best_val_loss_per_pixel")}
+    for column, path, _ in HEADLINE:
+        row[column] = _get(metrics or {}, path)
+    return row
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % Student-t interval of a few seeds' values (NaN bounds for one seed)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def _train_one(cfg_path: Path, run_dir: Path, store: Path, seed: int, budget: str | None, steps: int | None,
+               device: str, force: bool, progress: bool) -> dict:
+    from .train.engine import train
+
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists() and not force:
+        return json.loads(summary_file.read_text())
+    cfg = load_config(RunConfig, cfg_path)
+    # Same seed and budget for all; no early stopping and no epoch cap, so the budget decides.
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0,
+                                     epochs=100_000 if (budget or steps) else None))
+    resume = (run_dir / "checkpoints" / "last.safetensors").exists() and not force
+    return train(run_dir, store, cfg, device=device, resume=resume, force=force and not resume, progress=progress)
+
+
+def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None = None, steps: int | None = None,
+            seeds: int = 1, n_eval: int = 1000, device: str = "auto", evaluate: bool = True,
+            force: bool = False, progress: bool = True, log=print) -> pd.DataFrame:
+    """Train and evaluate every config; returns the leaderboard (one row per config, best first)."""
+    if not configs:
+        raise BrainVAEError("compare needs at least one config")
+    if budget is None and steps is None:
+        raise BrainVAEError("compare needs a --budget (e.g. 20m) or --steps so every model gets the same")
+    if seeds < 1:
+        raise BrainVAEError("--seeds must be at least 1")
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise BrainVAEError(f"config file names must differ (they name the runs): {stems}")
+    for c in configs:
+        if not Path(c).exists():
+            raise BrainVAEError(f"{c}: config file not found")
+        load_config(RunConfig, c)  # fail before any training on a bad config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for seed in range(seeds):
+        for cfg_path, stem in zip(configs, stems):
+            run_dir = out / f"{stem}-s{seed}"
+            log(f"[compare] {stem} seed {seed}: training -> {run_dir}")
+            summary = _train_one(Path(cfg_path), run_dir, store, seed, budget, steps, device, force, progress)
+            metrics = None
+            if evaluate:
+                metrics_file = run_dir / "eval" / "metrics.json"
+                if force or not metrics_file.exists():
+                    from .evaluate.run_eval import evaluate_run
+
+                    log(f"[compare] {stem} seed {seed}: evaluating")
+                    evaluate_run(run_dir, store, out=run_dir / "eval", n=n_eval, seed=seed, force=True,
+                                 progress=progress)
+                metrics = json.loads(metrics_file.read_text())
+            rows.append({"config": stem, "arch": summary.get("arch"), "seed": seed, "run": str(run_dir),
+                         **headline(summary, metrics)})
+
+    per_run = pd.DataFrame(rows)
+    board = _aggregate(per_run, seeds)
+    _write(out, per_run, board, dict(configs=[str(c) for c in configs], store=str(store), budget=budget,
+                                     steps=steps, seeds=seeds, n_eval=n_eval))
+    return board
+
+
+def _aggregate(per_run: pd.DataFrame, seeds: int) -> pd.DataFrame:
+    numeric = [c for c in per_run.columns if c not in ("config", "arch", "seed", "run")]
+    out = []
+    for stem, g in per_run.groupby("config", sort=False):
+        row = {"config": stem, "arch": g["arch"].iloc[0], "seeds": len(g)}
+        for col in numeric:
+            m, lo, hi = mean_ci(g[col].tolist())
+            row[col] = m
+            if seeds > 1:
+                row[f"{col}_ci_low"], row[f"{col}_ci_high"] = lo, hi
+        out.append(row)
+    board = pd.DataFrame(out)
+    rank_by = next((c for c, _, higher in HEADLINE if c in board and board[c].notna().any()), "val_loss")
+    higher = next((h for c, _, h in HEADLINE if c == rank_by), False)
+    board = board.sort_values(rank_by, ascending=not higher, na_position="last").reset_index(drop=True)
+    board.attrs["ranked_by"] = rank_by
+    return board
+
+
+def _write(out: Path, per_run: pd.DataFrame, board: pd.DataFrame, settings: dict) -> None:
+    atomic_write_bytes(out / "leaderboard.csv", board.to_csv(index=False).encode())
+    atomic_write_bytes(out / "runs.csv", per_run.to_csv(index=False).encode())
+    doc = {"settings": settings, "ranked_by": board.attrs.get("ranked_by"),
+           "leaderboard": json.loads(board.to_json(orient="records")),
+           "runs": json.loads(per_run.to_json(orient="records")), "provenance": provenance()}
+    atomic_write_bytes(out / "leaderboard.json", json.dumps(doc, indent=2).encode())
