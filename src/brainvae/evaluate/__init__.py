@@ -1,0 +1,1 @@
+"""Quantitative evaluation of a trained run: reconstruction, realism, memorisation, conditional fidelity."""

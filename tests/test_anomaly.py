@@ -1,0 +1,305 @@
+"""Anomaly scores, post-processing, metrics, synthetic anomalies and `brainvae anomaly` (tiny, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from brainvae.cli import app
+from brainvae.data.store import SliceStore
+from brainvae.data.synthetic_anomalies import KINDS, add_anomaly, anomalies_store, make_anomalies
+from brainvae.errors import BrainVAEError
+from brainvae.evaluate import anomaly_metrics as M
+from brainvae.evaluate import anomaly_scores as S
+from brainvae.evaluate.anomaly import evaluate_anomaly, split_cases
+from brainvae.models import registry
+from brainvae.models.base import BaseConfig, BrainModel, DiagonalGaussian
+
+from conftest import make_store
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# -- a stub model whose reconstruction is the healthy image -------------------------------------------
+class OracleModel(BrainModel):
+    """Follows the contract; decodes to a fixed healthy image whatever z is.
+
+    Its posterior mean is the 4x4-pooled difference to the healthy image, so the KL (and its
+    gradient) lives exactly where the input departs from health.
+    """
+
+    arch = "oracle"
+
+    def __init__(self, healthy: torch.Tensor, stochastic: bool = True):
+        super().__init__(BaseConfig(image_size=healthy.shape[-1]))
+        self.register_buffer("healthy", healthy)  # (1, 1, H, W)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # so .device works
+        self.stochastic = stochastic
+
+    def encode(self, x, cond=None):
+        mean = F.avg_pool2d(x - self.healthy, 4)  # (B, 1, H/4, W/4)
+        return DiagonalGaussian(mean, torch.zeros_like(mean))
+
+    def decode(self, z, cond=None):
+        return self.healthy.expand(len(z), -1, -1, -1)
+
+
+def disc(size=32, value=0.6):
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    return ((xx ** 2 + yy ** 2) < 0.8 ** 2) * value
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_scores_higher_inside_a_synthetic_lesion(stochastic):
+    healthy = torch.tensor(disc(), dtype=torch.float32)[None, None]
+    x = healthy.clone().repeat(2, 1, 1, 1)
+    lesion = torch.zeros_like(x, dtype=torch.bool)
+    lesion[0, :, 10:16, 12:18] = True  # darker lesion in image 0
+    lesion[1, :, 18:22, 8:14] = True  # brighter lesion in image 1
+    x[0][lesion[0]] = 0.2
+    x[1][lesion[1]] = 0.95
+    model = OracleModel(healthy, stochastic).eval()
+    avail = S.available_scores(model)
+    names = [n for n, why in avail.items() if why is None]
+    if stochastic:
+        assert set(S.MODEL_SCORES) <= set(names)
+    else:
+        assert avail["kl_combined"] and "deterministic" in avail["kl_additive"]
+        assert "recon_prob" in names
+    maps = S.model_score_batch(model, x, None, names, n_samples=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(maps["recon"], healthy.expand_as(x))
+    for name in names:
+        m = maps.get(name, None)
+        if name == "kl_additive":
+            m = maps["_kl_residual"] + maps["_kl_grad"]
+        assert m.shape == x.shape
+        signed = {"residual_pos": [1], "residual_neg": [0]}.get(name, [0, 1])  # each sign sees its own lesion
+        for b in signed:
+            assert m[b][lesion[b]].min() > m[b][~lesion[b]].max(), (name, b)
+    # the free functions agree with the batch helper
+    assert torch.allclose(S.residual(model, x), maps["residual"])
+    assert torch.allclose(S.residual_pos(model, x) + S.residual_neg(model, x), maps["residual"])
+    # brightness baselines
+    brain = torch.from_numpy(disc() > 0)[None, None]
+    assert torch.equal(S.brightness_hyper(x), x)
+    assert (S.brightness_hypo(x, brain)[:, :, 0, 0] == 0).all()
+
+
+def test_every_registered_architecture_gets_its_scores():
+    tiny = {"vae": {"channels": (8, 16), "latent_dim": 8}, "cvae": {"channels": (8, 16), "latent_dim": 8},
+            "cevae": {"channels": (8, 16), "latent_dim": 8}, "ae": {"channels": (8, 16), "latent_dim": 8},
+            "resvae": {"channels": (8, 16, 16), "latent_dim": 16},
+            "vqvae": {"channels": (8, 16, 16), "res_blocks": 1, "codebook_size": 32, "code_dim": 8,
+                      "prior_layers": 1, "prior_width": 32, "prior_heads": 2}}
+    x = torch.rand(2, 1, 32, 32)
+    cond = {"age": torch.tensor([30.0, 70.0]), "sex": torch.tensor([1.0, -1.0]), "position": torch.tensor([.2, .8])}
+    for arch in registry.architectures():
+        torch.manual_seed(0)
+        model = registry.build(arch, {"image_size": 32, **tiny.get(arch, {})}).eval()
+        avail = S.available_scores(model)
+        names = [n for n, why in avail.items() if why is None]
+        maps = S.model_score_batch(model, x, cond if model.config.conditions else None, names, n_samples=2)
+        for n in names:
+            m = maps[n] if n != "kl_additive" else maps["_kl_grad"]
+            assert m.shape == x.shape and torch.isfinite(m).all(), (arch, n)
+        deterministic = arch in ("ae", "vqvae")
+        assert (avail["kl_combined"] is not None) == deterministic, arch
+        if arch == "resvae":
+            assert "learned" in S.likelihood_kind(model)
+        if arch == "vqvae":
+            assert "prior_nll" in names
+
+
+def test_postprocessing():
+    brain = np.zeros((1, 20, 20), bool)
+    brain[0, 2:18, 2:18] = True
+    assert S.eroded_mask(brain, 2).sum() == 12 * 12
+    score = np.zeros((1, 20, 20), np.float32)
+    score[0, 5, 5] = 9.0  # salt noise: removed by the median filter
+    score[0, 8:14, 8:14] = 1.0
+    score[0, 0, 0] = 5.0  # outside the eroded brain
+    out = S.postprocess(score, S.eroded_mask(brain, 2), median=5)
+    assert out[0, 5, 5] == 0 and out[0, 0, 0] == 0 and out[0, 11, 11] == 1
+    binary = np.zeros((2, 10, 10), bool)
+    binary[0, 1:3, 1:3] = True  # 4 px: dropped
+    binary[0, 5:9, 5:9] = True  # 16 px: kept
+    binary[1, 0:2, 0:3] = True  # 6 px, on the next slice: not connected to slice 0
+    kept = S.remove_small_components(binary, 5)
+    assert kept.sum() == 16 + 6 and not kept[0, 1, 1]
+    assert S.segment(np.array([[0.1, 0.5]]), 0.5, 0).tolist() == [[False, True]]
+
+
+def test_metric_helpers_hand_computed():
+    assert M.dice([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert M.dice([0, 0], [0, 0]) is None
+    s, y = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    assert M.pixel_auroc(s, y) == pytest.approx(0.75)  # 3 of 4 (pos, neg) pairs ordered
+    assert M.pixel_auprc(s, y) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert M.pixel_auroc(s, [0, 0, 0, 0]) is None
+    d, t = M.best_dice(s, y)  # >= 0.35: P = 2/3, R = 1 -> Dice 0.8
+    assert d == pytest.approx(0.8) and t == pytest.approx(0.35)
+    rng = np.random.default_rng(0)  # the PR-curve Dice equals brute force at every threshold
+    s, y = rng.random(500), rng.random(500) < 0.2
+    thresholds, dc = M.dice_curve(s, y)
+    for i in rng.choice(len(thresholds), 20, replace=False):
+        assert dc[i] == pytest.approx(M.dice(s >= thresholds[i], y))
+    score = np.zeros((2, 10, 10), np.float32)
+    score[0, 0, :] = np.arange(10)
+    brain = np.ones_like(score, bool)
+    assert M.slice_scores(score, brain).tolist() == [9.0, 0.0]  # top 1 % of 100 px = the maximum
+    assert M.slice_scores(score, brain, top=0.05).tolist() == pytest.approx([(9 + 8 + 7 + 6 + 5) / 5, 0.0])
+    ci = M.bootstrap_ci([0.5, 0.5, None, 0.5])
+    assert ci == {"mean": 0.5, "ci95": [0.5, 0.5], "n": 3}
+    assert M.bootstrap_ci([0.0, 1.0] * 10, seed=1)["ci95"][0] < 0.5 < M.bootstrap_ci([0.0, 1.0] * 10)["ci95"][1]
+
+
+def _toy_case_data(seed=0, n_cases=6, per_case=5, size=16):
+    rng = np.random.default_rng(seed)
+    n = n_cases * per_case
+    lesion = np.zeros((n, size, size), bool)
+    for i in range(n):
+        r, c = rng.integers(2, size - 6, 2)
+        lesion[i, r:r + 4, c:c + 4] = True
+    score = rng.random((n, size, size)).astype(np.float32) + 0.8 * lesion
+    brain = np.ones_like(lesion)
+    cases = np.repeat([f"C{k}" for k in range(n_cases)], per_case)
+    return score, lesion, brain, cases
+
+
+def test_validation_threshold_never_sees_test_cases():
+    score, lesion, brain, cases = _toy_case_data()
+    val, test = ["C0", "C1"], ["C2", "C3", "C4", "C5"]
+    ref = M.evaluate_score(score, lesion, brain, cases, val, test, min_area=0)
+    is_test = np.isin(cases, test)
+    perturbed = score.copy()
+    perturbed[is_test] = np.random.default_rng(1).random(perturbed[is_test].shape) * 3  # scores of test cases
+    relabelled = lesion.copy()
+    relabelled[is_test] = ~relabelled[is_test]  # and their labels
+    for s, les in ((perturbed, lesion), (score, relabelled), (perturbed, relabelled)):
+        other = M.evaluate_score(s, les, brain, cases, val, test, min_area=0)
+        assert other["threshold"] == ref["threshold"]
+        assert other["dice"] != ref["dice"]  # the perturbation did reach the test numbers
+    # and it does depend on the validation cases
+    shifted = score.copy()
+    shifted[~is_test] *= 2
+    assert M.evaluate_score(shifted, lesion, brain, cases, val, test)["threshold"] != ref["threshold"]
+    assert ref["best_dice_upper_bound"] >= ref["dice_before_component_removal"]
+    p = lesion[is_test].mean()
+    assert ref["dice_all_brain"] == pytest.approx(2 * p / (1 + p), abs=1e-4)
+    assert set(ref["per_case"]) == set(test) and ref["per_case_mean"]["dice"]["n"] == 4
+    with pytest.raises(ValueError, match="both"):
+        M.evaluate_score(score, lesion, brain, cases, ["C0"], ["C0", "C1"])
+
+
+def test_split_cases():
+    cases = [f"S{i}" for i in range(10)]
+    val, test = split_cases(cases, val_fraction=0.3, seed=0)
+    assert len(val) == 3 and not set(val) & set(test) and sorted(val + test) == sorted(cases)
+    assert split_cases(cases, val_fraction=0.3, seed=0) == (val, test)
+    assert split_cases(cases, ["S1", "S2"]) == (["S1", "S2"], [c for c in cases if c not in ("S1", "S2")])
+    with pytest.raises(BrainVAEError, match="not in the store"):
+        split_cases(cases, ["X"])
+    with pytest.raises(BrainVAEError, match="every case"):
+        split_cases(cases, cases)
+
+
+def test_synthetic_anomalies_change_exactly_their_masks(tmp_path):
+    store = SliceStore(make_store(tmp_path / "s", n_subjects=3, slices=6))
+    images, brain = np.asarray(store.images), np.asarray(store.array("brain"))
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        for i in range(len(images)):
+            new, mask = add_anomaly(images[i], brain[i], kind, rng, donor=images[(i + 7) % len(images)])
+            assert np.array_equal(new != images[i], mask), kind  # changed <=> masked
+            assert not (mask & (brain[i] == 0)).any()  # inside the brain only
+            assert new.min() >= 0 and new.max() <= 1
+        assert mask.any(), kind
+    new, masks, labels = make_anomalies(images, brain, store.manifest["position"].to_numpy(),
+                                        store.manifest["subject"].to_numpy(), fraction=0.5, seed=3)
+    assert np.array_equal(new != images, masks.astype(bool))
+    touched = np.array([lab != "" for lab in labels])
+    assert touched.sum() == 9 and not masks[~touched].any() and np.array_equal(new[~touched], images[~touched])
+    again = make_anomalies(images, brain, store.manifest["position"].to_numpy(),
+                           store.manifest["subject"].to_numpy(), fraction=0.5, seed=3)
+    assert np.array_equal(again[0], new)  # seeded
+
+    out = anomalies_store(store, tmp_path / "anom", split=None, fraction=0.5, seed=3)
+    assert out.has_lesions and np.array_equal(np.asarray(out.array("lesion")), masks)
+    assert np.allclose(out.manifest["lesion_fraction"], masks.reshape(len(masks), -1).mean(1))
+    assert list(out.manifest.columns[:len(store.manifest.columns)]) == list(store.manifest.columns)
+    with pytest.raises(BrainVAEError, match="already exists"):
+        anomalies_store(store, tmp_path / "anom", split=None)
+    with pytest.raises(BrainVAEError, match="split 'test' has no slices"):  # 3 subjects: all in train
+        anomalies_store(store, tmp_path / "anom_test", split="test")
+    train_only = anomalies_store(make_store(tmp_path / "s6"), tmp_path / "anom_train", split="train")
+    assert set(train_only.manifest["split"]) == {"train"} and len(train_only) == 4 * 8
+
+
+def test_help():
+    for cmd in (["anomaly"], ["data", "anomalies"]):
+        r = invoke(*cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_store_without_lesions_is_a_clear_error(tmp_path):
+    store = make_store(tmp_path / "healthy")
+    with pytest.raises(BrainVAEError, match="no lesion masks") as err:
+        evaluate_anomaly(tmp_path / "no-run", store)
+    assert str(store) in str(err.value) and "brainvae data anomalies" in str(err.value)
+    r = invoke("anomaly", tmp_path / "no-run", "--data", store)
+    assert r.exit_code == 1 and "brainvae data anomalies" in r.output and "Traceback" not in r.output
+
+
+def test_anomaly_command_end_to_end(tmp_path):
+    store = make_store(tmp_path / "healthy")
+    r = invoke("data", "anomalies", store, "--out", tmp_path / "anom", "--split", "all", "--fraction", 0.6,
+               "--seed", 1)
+    assert r.exit_code == 0, r.output
+    anom = SliceStore(tmp_path / "anom")
+    assert anom.has_lesions and len(anom) == len(SliceStore(store))
+
+    cfg = tmp_path / "cevae.toml"
+    cfg.write_text('[model]\narch = "cevae"\nimage_size = 32\nchannels = [8, 16]\nlatent_dim = 8\n\n'
+                   '[train]\nbatch_size = 8\nval_batches = 1\nprecision = "fp32"\n')
+    run = tmp_path / "run"
+    r = invoke("train", cfg, "--data", store, "--out", run, "--steps", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--baseline", run, "--score", "kl_combined",
+               "--samples", 2, "--val-fraction", 0.34, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    out = run / "anomaly"
+    metrics = json.loads((out / "metrics.json").read_text())
+    val, test = metrics["cases"]["validation"], metrics["cases"]["test"]
+    assert len(val) == 2 and len(test) == 4 and not set(val) & set(test)
+    keys = set(metrics["scores"])
+    for n in S.MODEL_SCORES:
+        assert f"model/{n}" in keys and f"baseline/{n}" in keys
+    assert {"brightness/hyper", "brightness/hypo"} <= keys
+    for entry in metrics["scores"].values():
+        for k in ("pixel_auroc", "pixel_auprc", "threshold", "dice", "best_dice_upper_bound", "slice_auroc"):
+            assert k in entry
+        assert set(entry["per_case"]) == set(test)
+        assert {"mean", "ci95", "n"} <= set(entry["per_case_mean"]["auroc"])
+    assert metrics["primary_score"] == "model/kl_combined"
+    assert metrics["postprocess"]["median"] == 5 and "versions" in metrics["provenance"]
+    assert sorted(p.name for p in out.glob("overlay_*.png")) == sorted(f"overlay_{c}.png" for c in test)
+    assert (out / "slice_scores.csv").exists()
+
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--quiet")
+    assert r.exit_code == 1 and "already exists; pass --force" in r.output
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--val-cases", "S00,S03", "--samples", 1,
+               "--device", "cpu", "--force", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["cases"]["validation"] == ["S00", "S03"]
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--score", "prior_nll", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "not available" in r.output
