@@ -137,3 +137,19 @@ def test_find_scans_brats_and_errors(tmp_path):
         find_scans(tmp_path / "empty")
     with pytest.raises(BrainVAEError, match="no such file"):
         find_scans(tmp_path / "missing")
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from brainvae.io.atomic import atomic_dir, atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.txt", b"x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -69,9 +69,34 @@ def notice(text: str) -> str:
     return f'<div class="notice">{esc(text)}</div>'
 
 
-def page(title: str, body_html: str) -> str:
-    """A complete HTML document with inline CSS; ``body_html`` is inserted as is (already escaped)."""
+# Records script errors, console errors and whether every image decoded into data attributes of
+# <body> (data-errors, data-images-ok="decoded/total"), so a headless browser's --dump-dom shows them.
+SELF_CHECK_JS = """
+(function () {
+  var errors = [];
+  function note(msg) { errors.push(String(msg)); if (document.body) document.body.dataset.errors = errors.join(" | "); }
+  window.addEventListener("error", function (e) { note(e.message || ("resource failed: " + (e.target && e.target.src))); }, true);
+  window.addEventListener("unhandledrejection", function (e) { note("unhandled rejection: " + e.reason); });
+  var consoleError = console.error;
+  console.error = function () { note(Array.prototype.join.call(arguments, " ")); consoleError.apply(console, arguments); };
+  window.addEventListener("load", function () {
+    var imgs = document.images, ok = 0;
+    for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
+    document.body.dataset.imagesOk = ok + "/" + imgs.length;
+    document.body.dataset.errors = errors.join(" | ");
+  });
+})();
+"""
+
+
+def page(title: str, body_html: str, *, css: str = "", script: str = "") -> str:
+    """A complete HTML document with inline CSS; ``body_html`` is inserted as is (already escaped).
+
+    ``css`` is appended to the shared style sheet; ``script`` is inline JavaScript run at the end of
+    the body. Every page carries :data:`SELF_CHECK_JS` (no network, nothing sent anywhere).
+    """
+    tail = f"<script>\n{script}\n</script>\n" if script else ""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{esc(title)}</h1>\n{body_html}\n</body>\n</html>\n")
+            f"<title>{esc(title)}</title>\n<style>{_CSS}{css}</style>\n<script>{SELF_CHECK_JS}</script>\n"
+            f"</head>\n<body>\n<h1>{esc(title)}</h1>\n{body_html}\n{tail}</body>\n</html>\n")
