@@ -312,6 +312,37 @@ def interpolate_cmd(
     typer.echo(f"interpolation strip -> {out / 'grid.png'}")
 
 
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    data: Annotated[Path, typer.Option(help="Slice store with a test split (the one the run trained on).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/eval).")] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples, and real slices per set (capped by the test split).")] = 1000,
+    seed: int = 0,
+    extractor: Annotated[Optional[Path], typer.Option(help="TorchScript feature extractor (.pt) for one more "
+                                                           "feature space.")] = None,
+    featnet_steps: Annotated[Optional[int], typer.Option(help="Training steps of the store's feature network "
+                                                               "(default 300; trained once per store, cached).")] = None,
+    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
+    from .evaluate.run_eval import evaluate_run
+    from .train.engine import resolve_device
+
+    out = out or Path(run) / "eval"
+    metrics = evaluate_run(run, data, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
+                           featnet_steps=featnet_steps, device=resolve_device(device))
+
+    def cell(v) -> str:
+        return "" if v is None else f"{v:.4g}"
+
+    typer.echo(f"{'metric':<34} {'model':>10} {'floor':>10} {'ratio':>8}")
+    for row in metrics["summary"]:
+        typer.echo(f"{row['metric']:<34} {cell(row['model']):>10} {cell(row['floor']):>10} {cell(row['ratio']):>8}")
+    typer.echo(f"floor = real train vs real test slices (n = {metrics['n']}); -> {out / 'metrics.json'}")
+
+
 @app.command("demo")
 @user_errors
 def demo(
@@ -323,6 +354,141 @@ def demo(
     from .demo import run_demo
 
     run_demo(out, subjects=subjects, force=force, progress=not quiet)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folder(s) to report on.")] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="Folder written by `brainvae compare` (leaderboard).")] = None,
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+    force: Force = False,
+) -> None:
+    """One self-contained HTML report (figures embedded) from run and comparison folders; recomputes nothing."""
+    from .report.report import write_report
+
+    path = write_report(runs or [], out, compare=compare, force=force)
+    typer.echo(f"report on {len(runs or [])} run(s){' and ' + str(compare) if compare else ''} -> {path}")
+
+
+quiz_app = typer.Typer(help="Blinded visual Turing test: readers tell real from synthetic slices.",
+                       no_args_is_help=True)
+app.add_typer(quiz_app, name="quiz")
+
+
+@quiz_app.command("make")
+@user_errors
+def quiz_make(
+    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file).")],
+    data: Annotated[Path, typer.Option(help="Slice store; real images come from its test split.")],
+    n: Annotated[int, typer.Option("-n", "--n", help="Images in the quiz (half real, half synthetic).")] = 40,
+    seed: int = 0,
+    out: Annotated[Path, typer.Option(help="Folder for quiz.html, key.csv and meta.json.")] = Path("quiz"),
+    device: Device = "auto", force: Force = False,
+) -> None:
+    """Write quiz.html (give it to readers) and its hidden key.csv (keep it)."""
+    from .report.quiz import make_quiz
+    from .train.engine import resolve_device
+
+    path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
+    typer.echo(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
+               f"the key is {path / 'key.csv'})")
+
+
+@quiz_app.command("score")
+@user_errors
+def quiz_score(
+    answers: Annotated[Path, typer.Argument(help="Answers CSV exported from quiz.html.")],
+    key: Annotated[Optional[Path], typer.Option(help="key.csv (default: beside the answers, else quiz/key.csv).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON to write (default ANSWERS.score.json).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 2000,
+    seed: int = 0, force: Force = False,
+) -> None:
+    """Accuracy, sensitivity, specificity (synthetic = positive) and AUC, with bootstrap 95 % intervals."""
+    from .report.quiz import default_score_path, score_answers, score_lines, write_score
+
+    result = score_answers(answers, key, n_boot=bootstrap, seed=seed)
+    path = write_score(result, out or default_score_path(answers), force=force)
+    for line in score_lines(result):
+        typer.echo(line)
+    typer.echo(f"-> {path}")
+
+
+@data_app.command("anomalies")
+@user_errors
+def data_anomalies(
+    store: Annotated[Path, typer.Argument(help="Healthy slice store.")],
+    out: Annotated[Path, typer.Option(help="New store with synthetic anomalies and lesion.npy.")],
+    split: Annotated[str, typer.Option(help="Split to copy: train, val, test or all.")] = "test",
+    fraction: Annotated[float, typer.Option(help="Fraction of slices given one anomaly.")] = 0.5,
+    kinds: Annotated[str, typer.Option(help="Comma-separated kinds: bright, dark, fpi, noise.")] = "bright,dark,fpi,noise",
+    seed: int = 0, force: Force = False,
+) -> None:
+    """Paste SYNTHETIC anomalies (intensity-shifted ellipses, foreign patches, noise) into a healthy store."""
+    from .data.synthetic_anomalies import anomalies_store
+
+    new = anomalies_store(store, out, split=split, fraction=fraction, seed=seed, force=force,
+                          kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()))
+    counts = new.manifest["anomaly"].dropna().value_counts().to_dict()  # untouched slices read as NaN
+    typer.echo(f"{len(new)} slices, {sum(counts.values())} with a synthetic anomaly {counts} -> {out}")
+
+
+@app.command("anomaly")
+@user_errors
+def anomaly_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder trained on healthy slices.")],
+    data: Annotated[Path, typer.Option(help="Store with lesion masks (e.g. BraTS, or `brainvae data anomalies`).")],
+    val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated validation cases (subjects).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Else: seeded random fraction of cases for validation.")] = 0.3,
+    baseline: Annotated[Optional[Path], typer.Option(help="Second run scored the same way (e.g. an `ae` run).")] = None,
+    score: Annotated[str, typer.Option(help="Score shown in the overlays: residual, residual_pos, residual_neg, "
+                                             "recon_prob, kl_combined, kl_additive, prior_nll.")] = "residual",
+    split: Annotated[Optional[str], typer.Option(help="Only this split of the store (default: all slices).")] = None,
+    samples: Annotated[int, typer.Option(help="Posterior samples for the reconstruction probability.")] = 8,
+    erode: Annotated[int, typer.Option(help="Brain-mask erosion (px).")] = 3,
+    median: Annotated[int, typer.Option(help="Median filter size (px; 1 = off).")] = 5,
+    min_area: Annotated[int, typer.Option(help="Smallest connected component kept after thresholding (px).")] = 10,
+    batch_size: int = 64,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/anomaly).")] = None,
+    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Anomaly localisation: pixel AUROC/AUPRC, Dice at a validation threshold, slice AUROC, overlays."""
+    from .evaluate.anomaly import evaluate_anomaly, summary_lines
+    from .evaluate.anomaly_scores import PostProcess
+    from .train.engine import resolve_device
+
+    cases = [c.strip() for c in val_cases.split(",") if c.strip()] if val_cases else None
+    summary = evaluate_anomaly(run, data, out, baseline=baseline, val_cases=cases, val_fraction=val_fraction,
+                               primary=score, split=split, n_samples=samples,
+                               post=PostProcess(erode=erode, median=median, min_area=min_area),
+                               batch_size=batch_size, seed=seed, device=resolve_device(device), force=force,
+                               progress=not quiet)
+    if not quiet:
+        for line in summary_lines(summary):
+            typer.echo(line)
+    typer.echo(f"{len(summary['cases']['test'])} test cases, threshold from {len(summary['cases']['validation'])} "
+               f"validation cases -> {summary['out']}/metrics.json")
+
+
+@app.command("utility")
+@user_errors
+def utility_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder of a model conditioned on age and sex (e.g. cvae).")],
+    data: Annotated[Path, typer.Option(help="Slice store (train split for training, test split for scoring).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/utility).")] = None,
+    ratios: Annotated[str, typer.Option(help="Synthetic:real ratios of the mixed arms, comma-separated.")] = "0.5,1,2",
+    steps: Annotated[int, typer.Option(help="Classifier training steps, the same for every arm.")] = 200,
+    repeats: Annotated[int, typer.Option(help="Classifier seeds per arm (scores are averaged).")] = 1,
+    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Does synthetic data help? Sex and age-band classifiers on real, real+synthetic and synthetic slices."""
+    from .evaluate.utility import UtilityConfig, format_table, parse_ratios, write_utility
+
+    cfg = UtilityConfig(ratios=parse_ratios(ratios), steps=steps, repeats=repeats, seed=seed)
+    path, metrics = write_utility(run, data, out, cfg, device=device, force=force, progress=not quiet)
+    typer.echo(format_table(metrics))
+    typer.echo(f"balanced accuracy on {metrics['tasks']['sex']['n_test_subjects']} real test subjects, "
+               f"{int(100 * cfg.level)} % subject-bootstrap CI -> {path / 'metrics.json'}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -28,8 +28,27 @@ from .errors import BrainVAEError
 from .io.atomic import atomic_write_bytes
 from .provenance import provenance
 
-# (column, path in eval/metrics.json, higher is better?)
-HEADLINE: list[tuple[str, tuple[str, ...], bool]] = []
+# (column, path in eval/metrics.json, higher is better?); the first one present ranks the board.
+HEADLINE: list[tuple[str, tuple[str, ...], bool]] = [
+    ("fd_featnet_ratio", ("realism", "featnet", "fd", "ratio"), False),  # Fréchet distance / real-real floor
+    ("fd_featnet", ("realism", "featnet", "fd", "value"), False),
+    ("fd_featnet_floor", ("realism", "featnet", "fd", "floor"), False),
+    ("kid_featnet", ("realism", "featnet", "kid", "value"), False),
+    ("fd_radiomics_ratio", ("realism", "radiomics", "fd", "ratio"), False),
+    ("fd_pca64_ratio", ("realism", "pca64", "fd", "ratio"), False),
+    ("precision", ("realism", "featnet", "precision", "value"), True),
+    ("recall", ("realism", "featnet", "recall", "value"), True),
+    ("density", ("realism", "featnet", "density", "value"), True),
+    ("coverage", ("realism", "featnet", "coverage", "value"), True),
+    ("diversity_ms_ssim", ("diversity", "ms_ssim", "value"), False),
+    ("diversity_ms_ssim_real", ("diversity", "ms_ssim", "floor"), False),
+    ("memorised_share", ("memorisation", "share_above", "value"), False),
+    ("hist_wasserstein", ("histogram", "wasserstein", "value"), False),
+    ("ssim_brain", ("reconstruction", "brain", "ssim", "mean"), True),
+    ("ssim_background", ("reconstruction", "background", "ssim", "mean"), True),
+    ("psnr_brain", ("reconstruction", "brain", "psnr", "mean"), True),
+    ("ms_ssim_brain", ("reconstruction", "brain", "ms_ssim", "mean"), True),
+]
 
 
 def _get(d: dict, path: tuple[str, ...]):
