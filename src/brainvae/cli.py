@@ -477,7 +477,7 @@ def utility_cmd(
     data: Annotated[Path, typer.Option(help="Slice store (train split for training, test split for scoring).")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/utility).")] = None,
     ratios: Annotated[str, typer.Option(help="Synthetic:real ratios of the mixed arms, comma-separated.")] = "0.5,1,2",
-    steps: Annotated[int, typer.Option(help="Classifier training steps, the same for every arm.")] = 200,
+    steps: Annotated[int, typer.Option(help="Classifier training steps, the same for every arm.")] = 400,
     repeats: Annotated[int, typer.Option(help="Classifier seeds per arm (scores are averaged).")] = 1,
     seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
