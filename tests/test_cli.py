@@ -20,7 +20,8 @@ def invoke(*args: str):
 def test_help_on_every_command():
     for cmd in ([], ["data"], ["data", "describe"], ["data", "simulate"], ["data", "prepare"],
                 ["data", "download"], ["data", "show"], ["train"], ["tune"], ["sample"], ["reconstruct"],
-                ["interpolate"], ["demo"]):
+                ["interpolate"], ["demo"], ["compare"], ["evaluate"], ["utility"], ["anomaly"],
+                ["data", "anomalies"], ["report"], ["quiz", "make"], ["quiz", "score"]):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, (cmd, result.output)
         assert "Usage" in result.output
@@ -97,6 +98,16 @@ def test_train_sample_reconstruct_interpolate(tiny_store, tmp_path):
 
     r = invoke("train", cfg, "--data", tiny_store, "--out", run, "--resume", "--steps", 5, "--quiet")
     assert r.exit_code == 0, r.output
+
+    # The design's end-to-end chain continues: evaluate -> report.
+    r = invoke("evaluate", run, "--data", tiny_store, "-n", 16, "--featnet-steps", 2, "--predictor-steps", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["realism"]["featnet"]["fd"]["floor"] is not None and "conditional" in metrics
+    r = invoke("report", run, "--out", tmp_path / "report.html")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "report.html").read_text()
+    assert "Evaluation" in html and html.count("data:image/png") >= 6  # curves + the eval figures, embedded
 
 
 def test_sampling_refuses_conditions_the_model_lacks(tiny_store, tmp_path):

@@ -324,6 +324,8 @@ def evaluate_cmd(
                                                            "feature space.")] = None,
     featnet_steps: Annotated[Optional[int], typer.Option(help="Training steps of the store's feature network "
                                                                "(default 300; trained once per store, cached).")] = None,
+    predictor_steps: Annotated[Optional[int], typer.Option(help="Training steps of the store's age / sex predictors "
+                                                                 "(default 300; cached).")] = None,
     device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
@@ -332,7 +334,8 @@ def evaluate_cmd(
 
     out = out or Path(run) / "eval"
     metrics = evaluate_run(run, data, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
-                           featnet_steps=featnet_steps, device=resolve_device(device))
+                           featnet_steps=featnet_steps, predictor_steps=predictor_steps,
+                           device=resolve_device(device))
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}"

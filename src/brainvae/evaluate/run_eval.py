@@ -136,7 +136,8 @@ def summary_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def conditional_section(model, store: SliceStore, n: int, seed: int, progress: bool) -> dict | None:
+def conditional_section(model, store: SliceStore, n: int, seed: int, progress: bool,
+                        predictor_steps: int | None = None) -> dict | None:
     """Conditional fidelity for age+sex models (``evaluate.conditional``), or a note when it is not available."""
     if not {"age", "sex"} <= set(model.config.conditions):
         return None
@@ -147,7 +148,10 @@ def conditional_section(model, store: SliceStore, n: int, seed: int, progress: b
             raise
         return {"skipped": "conditional fidelity is not available in this version of brainvae "
                            "(no brainvae.evaluate.conditional module)"}
-    return conditional_fidelity(model, store, n=n, seed=seed, progress=progress)
+    from .conditional import PredictorConfig
+
+    cfg = PredictorConfig() if predictor_steps is None else PredictorConfig(steps=predictor_steps)
+    return conditional_fidelity(model, store, n=n, seed=seed, progress=progress, predictor=cfg)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -272,7 +276,8 @@ def interpolation_pair(store: SliceStore, test_rows: np.ndarray) -> tuple[int, i
 
 def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Path | None = None, n: int = 1000,
                  seed: int = 0, extractor: str | Path | None = None, force: bool = False, progress: bool = True,
-                 featnet_steps: int | None = None, device: str | torch.device = "cpu") -> dict:
+                 featnet_steps: int | None = None, predictor_steps: int | None = None,
+                 device: str | torch.device = "cpu") -> dict:
     """Evaluate a run against a store's test split; writes OUT (default RUN/eval) and returns metrics.json's dict.
 
     metrics.json keys:
@@ -403,7 +408,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     }
     if ext is not None:
         metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": int(spaces["extractor"][0].shape[1])}
-    conditional = conditional_section(model, store, n, seed, progress)
+    conditional = conditional_section(model, store, n, seed, progress, predictor_steps)
     if conditional is not None:
         metrics["conditional"] = conditional
     metrics["summary"] = summary_rows(metrics)
