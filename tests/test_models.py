@@ -139,3 +139,19 @@ def test_every_shipped_config_is_valid():
     assert len(files) >= 5
     archs = {load_config(RunConfig, f).model_config().__class__.__name__ for f in files}
     assert len(archs) >= 5
+
+
+def test_fitted_prior_samples_the_conditional_of_the_codes():
+    from brainvae.models.base import FittedGaussianPrior
+
+    g = torch.Generator().manual_seed(0)
+    prior = FittedGaussianPrior(2, decay=0.0, cond_dim=1)  # decay 0: the fit is the last batch
+    c = torch.randn(4000, 1, generator=g)
+    z = torch.cat([3.0 * c + 0.1 * torch.randn(4000, 1, generator=g), torch.randn(4000, 1, generator=g)], 1)
+    prior.update(z, c)
+    at = prior.sample(2000, g, torch.device("cpu"), torch.full((2000, 1), 1.0))
+    assert at[:, 0].mean().item() == pytest.approx(3.0, abs=0.05)  # follows the condition
+    assert at[:, 0].std().item() == pytest.approx(0.1, abs=0.03)  # with the conditional spread
+    assert at[:, 1].std().item() == pytest.approx(1.0, abs=0.1)
+    fresh = FittedGaussianPrior(3, cond_dim=2).sample(2000, g, torch.device("cpu"), torch.ones(2000, 2))
+    assert fresh.mean().abs().item() < 0.1 and fresh.std().item() == pytest.approx(1.0, abs=0.1)  # N(0, I)

@@ -190,3 +190,20 @@ def test_npy_appender_writes_a_loadable_array(tmp_path):
     assert np.allclose(out, np.concatenate(blocks).astype(np.float32))
     with pytest.raises(ValueError, match="expected"):
         NpyAppender(tmp_path / "y.npy", np.uint8, (3, 4)).append(np.zeros((1, 4, 3)))
+
+
+def test_match_resolution_blurs_fine_voxels_only():
+    import SimpleITK as sitk
+
+    from brainvae.data.preprocess import match_resolution
+
+    vol = np.zeros((20, 20, 20), np.float32)
+    vol[:, :, 10:] = 1.0  # a sharp edge along the last numpy axis (sitk x)
+    fine = sitk.GetImageFromArray(vol)
+    fine.SetSpacing((1.0, 1.0, 1.0))
+    smooth = sitk.GetArrayFromImage(match_resolution(fine, 2.0))
+    assert np.abs(np.diff(smooth[10, 10])).max() < 0.6 * np.abs(np.diff(vol[10, 10])).max()
+    assert smooth.sum() == pytest.approx(vol.sum(), rel=0.02)  # smoothing keeps the mean intensity
+    coarse = sitk.GetImageFromArray(vol)
+    coarse.SetSpacing((2.0, 2.0, 2.0))
+    assert np.array_equal(sitk.GetArrayFromImage(match_resolution(coarse, 2.0)), vol)  # already that coarse

@@ -133,6 +133,8 @@ def data_prepare(
     skull_strip: Annotated[Optional[bool], typer.Option(help="Apply brain masks when given.")] = None,
     n4: Annotated[Optional[bool], typer.Option(help="N4 bias-field correction.")] = None,
     register: Annotated[Optional[bool], typer.Option(help="Affine registration to MNI152.")] = None,
+    resolution_mm: Annotated[Optional[float], typer.Option(
+        help="Smooth volumes to this effective resolution (mm FWHM) first, to match a coarser dataset.")] = None,
     split: Annotated[Optional[tuple[float, float, float]], typer.Option(help="train/val/test ratios.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Split seed.")] = None,
     demographics: Demographics = None, masks: Masks = None,
@@ -148,7 +150,7 @@ def data_prepare(
     cfg = load_config(PrepareConfig, config) if config else PrepareConfig()
     cfg = replace(cfg, modality=modality, axis=axis, size=size, spacing=spacing, position_range=positions,
                   index_range=indices, min_brain=min_brain, skull_strip=skull_strip, n4=n4, register=register,
-                  split_ratios=split, seed=seed)
+                  resolution_mm=resolution_mm, split_ratios=split, seed=seed)
     inventory = find_scans(data, cfg.modality, demographics=demographics, masks=masks, lesions=lesions)
     path = prepare_dataset(inventory, out, cfg, workers=workers, strict=strict, force=force, progress=not quiet)
     store = SliceStore(path)

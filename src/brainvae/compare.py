@@ -154,7 +154,7 @@ def _aggregate(per_run: pd.DataFrame, seeds: int) -> pd.DataFrame:
             if seeds > 1:
                 row[f"{col}_ci_low"], row[f"{col}_ci_high"] = lo, hi
         out.append(row)
-    board = pd.DataFrame(out)
+    board = pd.DataFrame(out).dropna(axis=1, how="all")  # e.g. the evaluation columns with --no-evaluate
     rank_by = next((c for c, _, higher in HEADLINE if c in board and board[c].notna().any()), "val_loss")
     higher = next((h for c, _, h in HEADLINE if c == rank_by), False)
     board = board.sort_values(rank_by, ascending=not higher, na_position="last").reset_index(drop=True)

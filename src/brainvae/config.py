@@ -48,6 +48,10 @@ class PrepareConfig:
     # (benchmarks/results/prepare.json).
     n4: bool = True
     register: bool = False  # affine registration to the MNI152 template
+    # Smooth each volume (Gaussian) to this effective resolution in mm (FWHM) before
+    # resampling, so that scans of different resolutions look alike (e.g. 1 mm BraTS
+    # scored by a model of 2 mm IXI: --resolution-mm 2). None = no smoothing.
+    resolution_mm: float | None = None
     normalisation: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.0)
     # Subject-level split, stratified by sex and age band.
@@ -60,6 +64,7 @@ class PrepareConfig:
         _check(8 <= self.size <= 1024, f"size must be in [8, 1024], got {self.size}")
         _check(self.spacing is None or self.spacing > 0, "spacing must be positive")
         _check(self.fov_mm > 0, "fov_mm must be positive")
+        _check(self.resolution_mm is None or self.resolution_mm > 0, "resolution_mm must be positive")
         lo, hi = self.position_range
         _check(0.0 <= lo < hi <= 1.0, f"position_range must satisfy 0 <= lo < hi <= 1, got {self.position_range}")
         if self.index_range is not None:

@@ -193,6 +193,26 @@ def select_slices(brain: np.ndarray, first: int, cfg: PrepareConfig) -> tuple[np
     return keep, position[keep], fraction[keep]
 
 
+def match_resolution(image: sitk.Image, fwhm_mm: float) -> sitk.Image:
+    """Gaussian-smooth ``image`` so that its effective resolution is about ``fwhm_mm`` on every axis.
+
+    A voxel of size s is treated as a point spread of FWHM s; the extra smoothing per
+    axis has FWHM sqrt(fwhm^2 - s^2) (zero where the voxels are already that coarse).
+    """
+    fwhm = [max(fwhm_mm ** 2 - s ** 2, 0.0) ** 0.5 for s in image.GetSpacing()]
+    sigma = [f / (8 * np.log(2)) ** 0.5 for f in fwhm]  # FWHM = 2.3548 sigma, in mm
+    if max(sigma) == 0:
+        return image
+    smoothed = image
+    for axis, s in enumerate(sigma):  # one axis at a time: the recursive filter takes one sigma per call
+        if s > 0:
+            f = sitk.RecursiveGaussianImageFilter()
+            f.SetSigma(s)
+            f.SetDirection(axis)
+            smoothed = f.Execute(smoothed)
+    return smoothed
+
+
 def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
     """Run the whole per-volume pipeline (see the module docstring)."""
     vol = load_volume(scan.image)
@@ -211,6 +231,8 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
     mask_img = to_sitk(brain.astype(np.uint8), vol.affine)
     if cfg.n4:
         image = n4_correct(image, mask_img)
+    if cfg.resolution_mm is not None:
+        image = match_resolution(image, cfg.resolution_mm)
     spacing = cfg.voxel_mm
     if cfg.register:
         transform, metric = register_to_mni(image, mask_img, seed=cfg.seed)

@@ -85,43 +85,59 @@ PRIORS = ("standard", "fitted")
 
 
 class FittedGaussianPrior(nn.Module):
-    """A Gaussian fitted to the aggregate posterior q(z), for sampling.
+    """A Gaussian fitted to the aggregate posterior q(z) (or q(z | c) for conditioned models), for sampling.
 
-    Exponential moving averages of E[z] and E[z z^T] over training posterior
-    samples (kept as buffers, like BatchNorm's statistics, so they travel with
-    the checkpoint). Sampling z = mean + scale @ eps instead of z = eps is ex-post
-    density estimation with one Gaussian (Ghosh et al. 2020, "From Variational to
-    Deterministic Autoencoders"; the simplest second stage of Dai & Wipf 2019):
-    short trainings leave q(z) far from N(0, I) (measured on IXI: covariance
-    eigenvalues from 0.04 to 17 after 1,600 steps), and N(0, I) samples fall
-    where the decoder never was. A fresh prior is N(0, I).
+    Exponential moving averages of E[v] and E[v v^T] over training posterior
+    samples, v = z or, for a conditioned model, v = (c, z) with c the
+    standardised conditions (kept as buffers, like BatchNorm's statistics, so
+    they travel with the checkpoint). Sampling z = mean + scale @ eps instead
+    of z = eps is ex-post density estimation with one Gaussian (Ghosh et al.
+    2020, "From Variational to Deterministic Autoencoders"; the simplest second
+    stage of Dai & Wipf 2019): short trainings leave q(z) far from N(0, I)
+    (measured on IXI: covariance eigenvalues from 0.04 to 17 after 1,600 steps),
+    and N(0, I) samples fall where the decoder never was.
+
+    Conditioned models sample the Gaussian conditional z | c of the joint fit
+    (mean mu_z + S_zc S_cc^-1 (c - mu_c), covariance S_zz - S_zc S_cc^-1 S_cz):
+    the encoder also sees c, so the codes of old and young brains, or of low and
+    high slices, lie in different places, and an unconditional fit would mix
+    them and let the decoder ignore the requested conditions. A fresh prior is N(0, I).
     """
 
-    def __init__(self, dim: int, decay: float = 0.99):
+    def __init__(self, dim: int, decay: float = 0.99, cond_dim: int = 0):
         super().__init__()
         self.decay = decay
-        self.register_buffer("prior_mean", torch.zeros(dim))
-        self.register_buffer("prior_moment", torch.eye(dim))
+        self.cond_dim = cond_dim
+        self.register_buffer("prior_mean", torch.zeros(cond_dim + dim))
+        self.register_buffer("prior_moment", torch.eye(cond_dim + dim))
 
     @torch.no_grad()
-    def update(self, z: Tensor) -> None:
+    def update(self, z: Tensor, c: Tensor | None = None) -> None:
         with torch.autocast(z.device.type, enabled=False):
-            z = z.detach().float().flatten(1)  # (B, D)
-            self.prior_mean.lerp_(z.mean(0), 1.0 - self.decay)
-            self.prior_moment.lerp_(z.T @ z / len(z), 1.0 - self.decay)
+            v = z.detach().float().flatten(1)  # (B, D)
+            if self.cond_dim:
+                v = torch.cat([c.detach().float(), v], 1)  # (B, k + D)
+            self.prior_mean.lerp_(v.mean(0), 1.0 - self.decay)
+            self.prior_moment.lerp_(v.T @ v / len(v), 1.0 - self.decay)
 
     @torch.no_grad()
-    def mean_and_scale(self) -> tuple[Tensor, Tensor]:
-        """Mean (D,) and a square root (D, D) of the fitted covariance."""
+    def mean_and_scale(self, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean ((D,), or (B, D) given conditions c (B, k)) and a square root (D, D) of the covariance."""
         mean = self.prior_mean.double()
         cov = self.prior_moment.double() - torch.outer(mean, mean)
+        k = self.cond_dim
+        if k:
+            gain = cov[k:, :k] @ torch.linalg.pinv(cov[:k, :k])  # (D, k) = S_zc S_cc^-1
+            cov = cov[k:, k:] - gain @ cov[:k, k:]
+            mean = mean[k:] + (c.double().to(mean.device) - mean[:k]) @ gain.T  # (B, D)
         vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
         return mean.float(), (vecs * vals.clamp(min=0).sqrt()).float()
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        mean, scale = self.mean_and_scale()
-        return mean + randn((n, mean.numel()), generator, device) @ scale.T  # (n, D)
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device,
+               c: Tensor | None = None) -> Tensor:
+        mean, scale = self.mean_and_scale(c)
+        return mean + randn((n, scale.shape[0]), generator, device) @ scale.T  # (n, D)
 
 
 class Conditioning(nn.Module):
@@ -172,6 +188,12 @@ class BrainModel(nn.Module):
         if cond is None:
             raise ValueError(f"{self.arch} is conditioned on {self.config.conditions}; pass cond")
         return self.cond(cond)
+
+    def _cond_vector(self, cond: Cond) -> Tensor | None:
+        """Standardised conditions (B, k) for the fitted prior; None for an unconditioned model."""
+        if not self.config.conditions:
+            return None
+        return Conditioning.standardise(cond, tuple(self.config.conditions))
 
     def encode(self, x: Tensor, cond: Cond = None):
         raise NotImplementedError

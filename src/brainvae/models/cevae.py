@@ -74,13 +74,7 @@ class CEVAE(VAE):
         return out
 
     def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:
-        """Zimmerer's combined score: residual x normalised, smoothed |dKL/dx|."""
-        with torch.enable_grad():
-            x_in = x.detach().clone().requires_grad_(True)
-            kl = self.encode(x_in, cond).kl().sum()
-            (grad,) = torch.autograd.grad(kl, x_in)
-        g = gaussian_blur(grad.abs(), self.config.score_smoothing)
-        g = g / g.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        with torch.no_grad():
-            residual = (x - self.reconstruct(x, cond)).abs()
-        return (residual * g).detach()
+        """Zimmerer's combined score: residual x normalised, smoothed |dKL/dx| (``evaluate.anomaly_scores``)."""
+        from ..evaluate.anomaly_scores import kl_combined
+
+        return kl_combined(self, x, cond)

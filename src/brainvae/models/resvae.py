@@ -212,7 +212,7 @@ class ResVAE(BrainModel):
         self._init_head()
         self.disc = PatchDiscriminator(c.disc_channels) if c.adv_weight > 0 else None
         self.step = 0  # global optimiser step, set by the engine (see the ``step`` property)
-        self.prior = FittedGaussianPrior(self.latent_shape().numel(), c.prior_decay)
+        self.prior = FittedGaussianPrior(self.latent_shape().numel(), c.prior_decay, cond_dim=len(c.conditions))
 
     @property
     def step(self) -> int:
@@ -273,7 +273,7 @@ class ResVAE(BrainModel):
         posterior = self.encode(x, cond)
         z = posterior.sample()
         if self.training:
-            self.prior.update(z)
+            self.prior.update(z, self._cond_vector(cond))
         mean, log_sigma = self.decode_params(z, cond)
         rec = gaussian_nll(x.float(), mean, log_sigma)  # (B,) nats
         kl_terms = 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1.0 - posterior.logvar)
@@ -289,12 +289,13 @@ class ResVAE(BrainModel):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
+        cond = self.default_cond(n, cond) if self.cond is not None else None
         if self.config.prior == "fitted":
-            z = self.prior.sample(n, generator, self.device)  # (n, D)
+            z = self.prior.sample(n, generator, self.device, self._cond_vector(cond))  # (n, D)
         else:
             z = randn((n, self.latent_shape().numel()), generator, self.device)
         z = z.view(n, *self.latent_shape())
-        return self.decode(z, self.default_cond(n, cond) if self.cond is not None else None)
+        return self.decode(z, cond)
 
     @torch.no_grad()
     def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:

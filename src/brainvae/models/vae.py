@@ -59,7 +59,7 @@ class VAE(BrainModel):
         self.to_posterior = nn.Linear(flat + k, 2 * c.latent_dim)
         self.from_latent = nn.Linear(c.latent_dim + k, flat)
         self.decoder = ConvDecoder(c.channels, 1, c.res_blocks, c.patch)
-        self.prior = FittedGaussianPrior(c.latent_dim) if c.prior == "fitted" else None
+        self.prior = FittedGaussianPrior(c.latent_dim, cond_dim=len(c.conditions)) if c.prior == "fitted" else None
 
     def encode(self, x: Tensor, cond: Cond = None) -> DiagonalGaussian:
         h = self.encoder(x).flatten(1)  # (B, C * s * s)
@@ -85,17 +85,18 @@ class VAE(BrainModel):
         posterior = self.encode(x, cond)
         z = posterior.sample()
         if self.training and self.prior is not None:
-            self.prior.update(z)
+            self.prior.update(z, self._cond_vector(cond))
         recon = self.decode(z, cond)
         return Output(recon, posterior, self.losses(x, recon, posterior, kl_scale))
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
+        cond = self.default_cond(n, cond) if self.cond is not None else None
         if self.prior is not None:
-            z = self.prior.sample(n, generator, self.device)
+            z = self.prior.sample(n, generator, self.device, self._cond_vector(cond))
         else:
             z = randn((n, self.config.latent_dim), generator, self.device)
-        return self.decode(z, self.default_cond(n, cond) if self.cond is not None else None)
+        return self.decode(z, cond)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class AE(VAE):
         posterior = self.encode(x, cond)
         z = posterior.mode()
         if self.training:
-            self.prior.update(z)
+            self.prior.update(z, self._cond_vector(cond))
         recon = self.decode(z, cond)
         rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
         return Output(recon, posterior, {"loss": rec, "recon": rec, "kl": torch.zeros_like(rec)})

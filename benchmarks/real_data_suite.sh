@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The issue-5 / issue-6 measurements on the real scans in ../shared/data (not a test).
+# Serial on purpose: on 2 cores, two training jobs at once ruin every timing.
+# Results are copied into benchmarks/results/{compare-mni,anomaly-brats,utility-cvae}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/brainvae
+DATA=../shared/data
+
+# Stores: healthy IXI T1 and BraTS 2018 T1 on the same MNI-aligned 128 px, 1.5 mm grid.
+[ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+[ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+
+# Issue 5: every registered architecture, same seed, 6 minutes each, then evaluate (n = 1000).
+$B compare configs/vae.toml configs/ae.toml configs/cevae.toml configs/cvae.toml configs/resvae.toml configs/vqvae.toml \
+    --data datasets/ixi-t1-mni --out runs/compare-mni --budget 6m --quiet
+$B utility runs/compare-mni/cvae-s0 --data datasets/ixi-t1-mni --quiet
+
+# Issue 6: each model of healthy brains scores BraTS; 3 validation cases pick the threshold (seed 0),
+# the plain autoencoder is the baseline in the same run.
+for arch in vae cevae cvae resvae vqvae; do
+    $B anomaly runs/compare-mni/$arch-s0 --data datasets/brats-t1-mni --baseline runs/compare-mni/ae-s0 \
+        --score residual_neg --out runs/compare-mni/$arch-s0/anomaly --quiet
+done
+
+$B report runs/compare-mni/*-s0 --compare runs/compare-mni --out runs/compare-mni/report.html --force
