@@ -447,7 +447,7 @@ def anomaly_cmd(
     val_fraction: Annotated[float, typer.Option(help="Else: seeded random fraction of cases for validation.")] = 0.3,
     baseline: Annotated[Optional[Path], typer.Option(help="Second run scored the same way (e.g. an `ae` run).")] = None,
     score: Annotated[str, typer.Option(help="Score shown in the overlays: residual, residual_pos, residual_neg, "
-                                             "recon_prob, kl_combined, kl_additive, prior_nll.")] = "residual",
+                                             "residual_neg_smooth, recon_prob, kl_combined, kl_additive, prior_nll.")] = "residual",
     split: Annotated[Optional[str], typer.Option(help="Only this split of the store (default: all slices).")] = None,
     samples: Annotated[int, typer.Option(help="Posterior samples for the reconstruction probability.")] = 8,
     erode: Annotated[int, typer.Option(help="Brain-mask erosion (px).")] = 3,

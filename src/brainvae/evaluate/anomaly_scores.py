@@ -45,12 +45,16 @@ from torch import Tensor
 from ..models.base import DiagonalGaussian
 from ..models.cevae import gaussian_blur
 
-MODEL_SCORES = ("residual", "residual_pos", "residual_neg", "recon_prob", "kl_combined", "kl_additive")
+MODEL_SCORES = ("residual", "residual_pos", "residual_neg", "residual_neg_smooth", "recon_prob", "kl_combined",
+                "kl_additive")
+SMOOTH_SIGMA = 2.0  # px: Gaussian applied to the signed residual by residual_neg_smooth
 BRIGHTNESS_SCORES = ("brightness_hyper", "brightness_hypo")
 SCORE_HELP = {
     "residual": "|x - x_hat| of the mean reconstruction",
     "residual_pos": "(x - x_hat)+: brighter than reconstructed (hyperintense lesions)",
     "residual_neg": "(x_hat - x)+: darker than reconstructed (hypointense lesions, e.g. tumour on T1)",
+    "residual_neg_smooth": f"(G * (x_hat - x))+: the signed residual smoothed (Gaussian, sigma {SMOOTH_SIGMA:g} px) "
+                           "before rectification, so thin dark structures a blurry reconstruction cannot draw cancel",
     "recon_prob": "reconstruction probability (An & Cho 2015): per-pixel NLL averaged over L posterior samples",
     "kl_combined": "ceVAE combined score (Zimmerer et al. 2019): residual x normalised smoothed |dKL/dx|",
     "kl_additive": "ceVAE additive variant: residual + normalised smoothed |dKL/dx| (each over its dataset scale)",
@@ -112,6 +116,19 @@ def residual_neg(model, x: Tensor, cond=None, x_hat: Tensor | None = None) -> Te
     """(x_hat - x)+: the image is darker than its reconstruction (hypointense anomalies, e.g. T1 tumour)."""
     x_hat = reconstruction(model, x, cond) if x_hat is None else x_hat
     return (x_hat - x.float()).clamp_min(0)
+
+
+@torch.no_grad()
+def residual_neg_smooth(model, x: Tensor, cond=None, x_hat: Tensor | None = None, sigma: float = SMOOTH_SIGMA) -> Tensor:
+    """(G_sigma * (x_hat - x))+: smooth the SIGNED residual, then keep the darker-than-expected part.
+
+    A reconstruction blurrier than its input is too dark on the thin bright ridges and too bright in
+    the thin dark sulci between them, so (x_hat - x)+ lights up every sulcus; smoothing the signed
+    residual first lets those neighbouring errors of opposite sign cancel, while a hypointense
+    lesion wider than sigma (a T1 tumour core) stays negative throughout.
+    """
+    x_hat = reconstruction(model, x, cond) if x_hat is None else x_hat
+    return gaussian_blur(x_hat - x.float(), sigma).clamp_min(0)
 
 
 @torch.no_grad()
@@ -230,6 +247,8 @@ def model_score_batch(model, x: Tensor, cond, names: list[str], n_samples: int =
             out[name] = residual_pos(model, x, cond, x_hat)
         elif name == "residual_neg":
             out[name] = residual_neg(model, x, cond, x_hat)
+        elif name == "residual_neg_smooth":
+            out[name] = residual_neg_smooth(model, x, cond, x_hat)
         elif name == "recon_prob":
             out[name] = recon_prob(model, x, cond, n_samples, generator)
         elif name == "kl_combined":
