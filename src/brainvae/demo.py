@@ -35,8 +35,7 @@ DEMO_PREPARE = PrepareConfig(size=64, position_range=(0.2, 0.9), min_brain=0.1)
 DEMO_MODEL = {"arch": "cvae", "image_size": 64, "latent_dim": 64}
 DEMO_TRAIN = TrainConfig(budget="150s", epochs=200, batch_size=32, lr=2e-3, kl_warmup_steps=300)
 DEMO_EVAL_N = 300
-DEMO_AUX_STEPS = 150  # feature net and age / sex predictors (300 by default)
-DEMO_UTILITY = UtilityConfig(steps=150, image_size=32, ratios=(1.0,))
+DEMO_UTILITY = UtilityConfig(steps=200, image_size=32)
 
 
 def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bool = True) -> None:
@@ -74,9 +73,7 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     G.export(np.concatenate([real, recon]), run / "reconstructions", spacing, {"split": "test"}, force=True, ncol=8)
 
     step("evaluate: reconstruction, realism against the real-vs-real floor, conditional fidelity")
-    evaluate_run(run, store, run / "eval", n=DEMO_EVAL_N, featnet_steps=DEMO_AUX_STEPS,
-                 predictor_steps=DEMO_AUX_STEPS, force=True,
-                 progress=progress)
+    evaluate_run(run, store, run / "eval", n=DEMO_EVAL_N, force=True, progress=progress)
 
     step("utility: a sex / age-band classifier trained on real, real + synthetic and synthetic slices")
     write_utility(run, store, run / "utility", DEMO_UTILITY, force=True, progress=progress)
