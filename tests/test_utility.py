@@ -139,13 +139,13 @@ def test_conditional_fidelity_ceiling_and_predictor_cache(disc_store, monkeypatc
 
 
 def test_predictor_cache_falls_back_to_home_and_position_only_models(disc_store, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(C, "_writable", lambda folder: "home" in str(folder) and (folder.mkdir(parents=True,
-                                                                                               exist_ok=True) or True))
+    import brainvae.evaluate.features as Fe
+
+    monkeypatch.setenv("BRAINVAE_CACHE", str(tmp_path / "home"))
+    monkeypatch.setattr(Fe.os, "access", lambda path, mode: False)  # the store folder is read-only
     cfg = C.PredictorConfig(image_size=32, steps=4, batch_size=8, eval_every=2, width=4)
     result = C.conditional_fidelity(_cvae(("position",)), disc_store, n=4, progress=False, predictor=cfg)
-    assert result["predictor"]["path"].startswith(str(tmp_path / "home" / ".cache" / "brainvae" / "predictors"))
-    assert not (disc_store / "features").exists()
+    assert result["predictor"]["path"].startswith(str(tmp_path / "home" / "features"))
     # a model that does not take age / sex: no sample scores for them, no ratio
     assert "age_r" not in result["samples"] and result["ratio"] == {"age_r": None, "sex_accuracy": None}
 

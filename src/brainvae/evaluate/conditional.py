@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from ..data.dataset import SEX_CODE
 from ..data.store import SliceStore
 from ..io.atomic import atomic_write_bytes
 from .classifier import Head, SliceCNN, TrainSettings, predict, resize_slices, train_cnn
+from .features import cache_dir, home_cache_dir
 
 PREDICTOR_VERSION = 2  # bump when SliceCNN or the training recipe changes: invalidates caches
 HEADS = (Head("age"), Head("sex", classes=2))  # sex classes: 0 = F, 1 = M
@@ -85,18 +85,6 @@ def predictor_name(store: SliceStore, cfg: PredictorConfig) -> str:
     return f"predictors-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def _home_cache() -> Path:
-    return Path.home() / ".cache" / "brainvae" / "predictors"
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
-
-
 def _save_predictor(net: SliceCNN, path: Path, meta: dict) -> None:
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     atomic_write_bytes(path, save(tensors, metadata={"brainvae_predictor": json.dumps(meta)}))
@@ -120,13 +108,13 @@ def load_or_train_predictor(store: SliceStore | str | Path, cfg: PredictorConfig
     """The age/sex predictor of a store: read from the cache, or trained and cached.
 
     Cache: ``<store>/features/predictors-<hash>.safetensors``, or
-    ``~/.cache/brainvae/predictors/`` when the store folder is not writable; the
+    ``features.home_cache_dir()`` when the store folder is not writable; the
     hash covers the store's manifest and ``cfg``. Returns (net, info) with info
     {"path", "cached", "config", "train": {...}, "val": {...}}.
     """
     store = store if isinstance(store, SliceStore) else SliceStore(store)
     name = predictor_name(store, cfg)
-    candidates = [store.path / "features" / name, _home_cache() / name]
+    candidates = [store.path / "features" / name, home_cache_dir() / name]
     for path in candidates:
         if path.exists() and (loaded := _load_predictor(path)) is not None:
             net, meta = loaded
@@ -143,12 +131,9 @@ def load_or_train_predictor(store: SliceStore | str | Path, cfg: PredictorConfig
     val = _scores(predict(net, x_val), _targets(m, val_rows)) if len(val_rows) else {}
     meta = {"config": asdict(cfg), "heads": [asdict(h) for h in HEADS], "version": PREDICTOR_VERSION,
             "store": str(store.path), "train": {**train_info, "n_slices": int(len(train_rows))}, "val": val}
-    folder = next((p.parent for p in candidates if _writable(p.parent)), None)
-    path = None
-    if folder is not None:
-        path = folder / name
-        _save_predictor(net, path, meta)
-    return net, {"path": None if path is None else str(path), "cached": False,
+    path = cache_dir(store) / name
+    _save_predictor(net, path, meta)
+    return net, {"path": str(path), "cached": False,
                  **{k: meta[k] for k in ("config", "train", "val")}}
 
 

@@ -137,8 +137,14 @@ def store_fingerprint(store: SliceStore) -> str:
     return h.hexdigest()
 
 
+def home_cache_dir() -> Path:
+    """``$BRAINVAE_CACHE/features`` (default ~/.cache/brainvae/features): for stores that are read-only."""
+    return Path(os.environ.get("BRAINVAE_CACHE", "~/.cache/brainvae")).expanduser() / "features"
+
+
 def cache_dir(store: SliceStore) -> Path:
-    """``<store>/features`` when writable, else ``$BRAINVAE_CACHE/features`` (default ~/.cache/brainvae)."""
+    """Where per-store models (feature net, age / sex predictors) are cached: ``<store>/features`` when
+    writable, else ``home_cache_dir()``."""
     folder = store.path / "features"
     try:
         folder.mkdir(exist_ok=True)
@@ -146,7 +152,7 @@ def cache_dir(store: SliceStore) -> Path:
             return folder
     except OSError:
         pass
-    folder = Path(os.environ.get("BRAINVAE_CACHE", "~/.cache/brainvae")).expanduser() / "features"
+    folder = home_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
