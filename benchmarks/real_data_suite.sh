@@ -20,7 +20,15 @@ $B utility runs/compare-mni/cvae-s0 --data datasets/ixi-t1-mni --quiet
 # the plain autoencoder is the baseline in the same run.
 for arch in vae cevae cvae resvae vqvae; do
     $B anomaly runs/compare-mni/$arch-s0 --data datasets/brats-t1-mni --baseline runs/compare-mni/ae-s0 \
-        --score residual_neg --out runs/compare-mni/$arch-s0/anomaly --quiet
+        --score residual_neg_smooth --out runs/compare-mni/$arch-s0/anomaly --quiet --force
 done
+
+# BraTS smoothed to IXI's 2 mm resolution first; synthetic anomalies in the healthy test split.
+[ -d datasets/brats-t1-mni-res2 ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni-res2 --register --positions 0.2 0.9 --min-brain 0.1 --resolution-mm 2
+$B anomaly runs/compare-mni/cevae-s0 --data datasets/brats-t1-mni-res2 --baseline runs/compare-mni/ae-s0 \
+    --score residual_neg_smooth --out runs/compare-mni/cevae-s0/anomaly-res2 --quiet --force
+[ -d datasets/ixi-t1-mni-anomalies ] || $B data anomalies datasets/ixi-t1-mni --out datasets/ixi-t1-mni-anomalies --split test
+$B anomaly runs/compare-mni/cevae-s0 --data datasets/ixi-t1-mni-anomalies --baseline runs/compare-mni/ae-s0 \
+    --out runs/compare-mni/cevae-s0/anomaly-synthetic --quiet --force
 
 $B report runs/compare-mni/*-s0 --compare runs/compare-mni --out runs/compare-mni/report.html --force
