@@ -91,10 +91,9 @@ def _train_one(cfg_path: Path, run_dir: Path, store: Path, seed: int, budget: st
         return json.loads(summary_file.read_text())
     cfg = load_config(RunConfig, cfg_path)
     # Same seed and budget for all; no early stopping and no epoch cap, so the budget decides.
-    cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0,
-                                     epochs=100_000 if (budget or steps) else None))
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0, epochs=100_000))
     resume = (run_dir / "checkpoints" / "last.safetensors").exists() and not force
-    return train(run_dir, store, cfg, device=device, resume=resume, force=force and not resume, progress=progress)
+    return train(run_dir, store, cfg, device=device, resume=resume, force=force, progress=progress)
 
 
 def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None = None, steps: int | None = None,

@@ -41,7 +41,7 @@ from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
 from .anomaly_metrics import evaluate_score, slice_scores
 from .anomaly_scores import (SCORE_HELP, PostProcess, available_scores, brightness_hyper,
-                             brightness_hypo, eroded_mask, stochastic_model, likelihood_kind, model_score_batch,
+                             brightness_hypo, eroded_mask, is_stochastic, likelihood_kind, model_score_batch,
                              postprocess, segment)
 
 
@@ -211,7 +211,7 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
         for n, why in avail.items():
             if why is not None:
                 unavailable[f"{source}/{n}"] = why
-        if not stochastic_model(m):
+        if not is_stochastic(m):
             notes.append(f"{source} ({m.arch}) is deterministic: recon_prob uses its single code and is "
                          f"r^2 / (2 sigma^2) + const, a monotone function of the residual (same ranking)")
         raw = score_model(m, SliceBatches(store, split, size, m.device), names, n_samples=n_samples,
@@ -227,7 +227,7 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
                             "description": SCORE_HELP.get(n, n), **metrics}
             if n == "recon_prob":
                 results[key]["likelihood"] = likelihood_kind(m)
-                results[key]["samples"] = n_samples if stochastic_model(m) else 1
+                results[key]["samples"] = n_samples if is_stochastic(m) else 1
             if n == "kl_additive" and scales is not None:
                 results[key]["term_scales"] = {"residual": float(scales[0]), "kl_gradient": float(scales[1])}
             slice_cols[key] = slice_scores(s, brain)

@@ -64,11 +64,9 @@ SCORE_HELP = {
 }
 
 
-def is_stochastic(model, posterior=None) -> bool:
-    """A model with a Gaussian posterior trained with a KL term (not ``ae``, not ``vqvae``)."""
-    if not getattr(model, "stochastic", True):
-        return False
-    return posterior is None or isinstance(posterior, DiagonalGaussian)
+def is_stochastic(model) -> bool:
+    """A model with a Gaussian posterior trained with a KL term (``model.stochastic``; not ``ae``, not ``vqvae``)."""
+    return getattr(model, "stochastic", True)
 
 
 def fixed_log_sigma(model) -> float:
@@ -141,7 +139,7 @@ def recon_prob(model, x: Tensor, cond=None, n_samples: int = 8, generator: torch
     """
     x = x.float()
     post = model.encode(x, cond)
-    zs = [post.sample(generator) for _ in range(n_samples)] if is_stochastic(model, post) else [post.mode()]
+    zs = [post.sample(generator) for _ in range(n_samples)] if is_stochastic(model) else [post.mode()]
     total = torch.zeros_like(x)
     for z in zs:
         mean, log_sigma = decode_mean_log_sigma(model, z, cond)
@@ -203,24 +201,10 @@ def brightness_hypo(x: Tensor, brain: Tensor | None = None) -> Tensor:
     return s if brain is None else s * (brain > 0)
 
 
-@torch.no_grad()
-def _probe_posterior(model):
-    """The posterior of one blank image (to learn its type without data)."""
-    s = model.config.image_size
-    x = torch.zeros(1, 1, s, s, device=model.device)
-    cond = model.default_cond(1) if model.config.conditions else None
-    return model.encode(x, cond)
-
-
-def stochastic_model(model) -> bool:
-    """``is_stochastic`` checked on an actual posterior of the model."""
-    return is_stochastic(model, _probe_posterior(model))
-
-
 def available_scores(model) -> dict[str, str | None]:
     """Score name -> None if available for this model, else the reason it is not."""
     out: dict[str, str | None] = {name: None for name in MODEL_SCORES}
-    if not stochastic_model(model):
+    if not is_stochastic(model):
         why = (f"{model.arch} is deterministic (no Gaussian posterior trained with a KL term): "
                "no KL gradient")
         out["kl_combined"] = out["kl_additive"] = why

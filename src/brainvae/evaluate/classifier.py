@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .features import resize
+
 
 @dataclass(frozen=True)
 class Head:
@@ -93,12 +95,7 @@ def resize_slices(images: np.ndarray, rows: np.ndarray | None = None, size: int 
     order = np.argsort(rows)  # sorted reads are sequential on a memory map
     for start in range(0, len(rows), chunk):
         sel = order[start:start + chunk]
-        x = torch.from_numpy(np.ascontiguousarray(images[rows[sel]], dtype=np.float32))[:, None]  # (b, 1, H, W)
-        if x.shape[-1] > size:
-            x = F.interpolate(x, size=(size, size), mode="area")
-        elif x.shape[-1] < size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        out[sel] = x[:, 0].numpy()
+        out[sel] = resize(np.ascontiguousarray(images[rows[sel]], dtype=np.float32), size)[:, 0].numpy()
     return out
 
 

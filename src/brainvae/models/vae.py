@@ -78,12 +78,12 @@ class VAE(BrainModel):
 
     def losses(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian, kl_scale: float) -> dict[str, Tensor]:
         rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
-        kl = posterior.kl().float()
+        kl = posterior.kl().float() if self.stochastic else torch.zeros_like(rec)
         return {"loss": rec + self.config.beta * kl_scale * kl, "recon": rec, "kl": kl}
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         posterior = self.encode(x, cond)
-        z = posterior.sample()
+        z = posterior.sample() if self.stochastic else posterior.mode()
         if self.training and self.prior is not None:
             self.prior.update(z, self._cond_vector(cond))
         recon = self.decode(z, cond)
@@ -129,13 +129,4 @@ class AE(VAE):
     Gaussian fitted to its codes (Ghosh et al. 2020's regularised-AE recipe, minus the regulariser).
     """
 
-    stochastic = False
-
-    def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
-        posterior = self.encode(x, cond)
-        z = posterior.mode()
-        if self.training:
-            self.prior.update(z, self._cond_vector(cond))
-        recon = self.decode(z, cond)
-        rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
-        return Output(recon, posterior, {"loss": rec, "recon": rec, "kl": torch.zeros_like(rec)})
+    stochastic = False  # VAE.forward then uses the posterior mean and no KL term

@@ -296,6 +296,7 @@ class VQVAE(BrainModel):
     """VQ-VAE with an EMA codebook and a causal-transformer prior trained in the same loop."""
 
     config: VQVAEConfig
+    stochastic = False  # the encoder's code is a deterministic nearest codebook entry
 
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
