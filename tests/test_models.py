@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.registry import architectures, build, make_config
@@ -95,6 +96,25 @@ def test_save_load_round_trip(arch, tmp_path):
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     c = {"age": 40.0, "sex": -1.0, "position": 0.3} if model.config.conditions else None
     assert torch.allclose(loaded.sample(2, c, g1), model.sample(2, c, g2))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inference_copy_folds_batchnorm_and_keeps_outputs(arch):
+    torch.manual_seed(0)
+    model = tiny(arch).train()
+    x, cond = batch()
+    for _ in range(3):
+        model(x, cond)  # BatchNorm running statistics move away from (0, 1)
+    model.eval()
+    fast = model.for_inference()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.allclose(fast.reconstruct(x, cond), model.reconstruct(x, cond), atol=1e-5)
+    c = {"age": 40.0, "sex": -1.0, "position": 0.3} if model.config.conditions else None
+    a = fast.sample(2, c, torch.Generator().manual_seed(3))
+    assert torch.allclose(a, model.sample(2, c, torch.Generator().manual_seed(3)), atol=1e-5)
 
 
 def test_sampling_is_seeded():

@@ -25,9 +25,9 @@ def run_cfg(**train) -> RunConfig:
     return RunConfig(model=TINY_MODEL, train=TrainConfig(**{**base, **train}))
 
 
-def train_losses(run: Path) -> dict[int, float]:
+def train_losses(run: Path, key: str = "train/loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def test_train_writes_run_folder_and_checkpoint_rebuilds_model(tiny_store, tmp_path):
@@ -95,9 +95,14 @@ def test_resume_without_run_is_an_error(tiny_store, tmp_path):
         train(tmp_path / "none", tiny_store, run_cfg(steps=2), resume=True, progress=False)
 
 
-def test_ddp_two_gloo_processes(tiny_store, tmp_path):
+ADVERSARIAL_MODEL = {"arch": "resvae", "image_size": 32, "channels": [8, 16, 16], "latent_channels": 2,
+                     "adv_weight": 0.1, "adv_start": 2, "disc_channels": [8, 16]}
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, ADVERSARIAL_MODEL], ids=["vae", "resvae-adversarial"])
+def test_ddp_two_gloo_processes(model, tiny_store, tmp_path):
     cfg = tmp_path / "cfg.toml"
-    save_config(run_cfg(steps=4), cfg)
+    save_config(RunConfig(model=model, train=run_cfg(steps=4).train), cfg)
     env = {**os.environ, "BRAINVAE_DDP_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "brainvae.cli", "train", str(cfg), "--data", str(tiny_store), "--out", str(tmp_path / "ddp"),
@@ -107,8 +112,19 @@ def test_ddp_two_gloo_processes(tiny_store, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     # both ranks trained the same replica: the checkpoint loads and is finite
-    model = load(tmp_path / "ddp")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    loaded = load(tmp_path / "ddp")
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    if model["arch"] == "resvae":  # the game started at step 2 and the discriminator was trained
+        assert list(train_losses(tmp_path / "ddp", key="train/adv")) == [3, 4]  # logged after steps 2 and 3
+        torch.manual_seed(0)  # the engine's seed: the discriminator's initial weights
+        from brainvae.models.registry import build
+        from brainvae.train.checkpoint import load_model
+
+        fresh = build("resvae", {k: v for k, v in model.items() if k != "arch"})
+        raw = load_model(tmp_path / "ddp" / "checkpoints" / "last.safetensors", prefer_ema=False)
+        weights = [(a, b) for (name, a), b in zip(raw.disc.named_parameters(), fresh.disc.parameters())
+                   if name.endswith("weight.original")]  # (the hinge loss can leave the last bias at 0 gradient)
+        assert len(weights) == 3 and all(not torch.allclose(a, b) for a, b in weights)
 
 
 def test_tune_runs_trials_and_writes_results(tiny_store, tmp_path):

@@ -68,6 +68,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
+    model = model.for_inference()
     out = []
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, n, batch_size):

@@ -50,7 +50,8 @@ from .registry import register
 
 @dataclass(frozen=True)
 class VQVAEConfig(BaseConfig):
-    channels: tuple[int, ...] = (32, 64, 128)  # stride-2 stages: 128 px -> 16x16 codes, 64 px -> 8x8
+    channels: tuple[int, ...] = (32, 64, 128)  # stage widths: space-to-depth stage, then stride-2 stages
+    patch: int = 2  # the first stage folds patch x patch pixels into channels: code map S / (patch * 2**(stages-1))
     res_blocks: int = 2  # residual blocks at the code resolution, in encoder and decoder (as in the paper)
     codebook_size: int = 256  # K
     code_dim: int = 64  # D
@@ -72,8 +73,9 @@ class VQVAEConfig(BaseConfig):
         from ..config import _check
 
         _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "channels must be positive")
-        _check(self.image_size // 2 ** len(self.channels) >= 2,
-               f"{len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "patch must be a power of two")
+        _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
+               f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
         _check(self.res_blocks >= 0, "res_blocks must be >= 0")
         _check(self.codebook_size >= 2 and self.code_dim > 0, "codebook_size must be >= 2 and code_dim positive")
         _check(self.commitment >= 0 and self.sigma > 0, "commitment must be >= 0 and sigma positive")
@@ -301,16 +303,16 @@ class VQVAE(BrainModel):
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
         c = config
-        self.bottom = c.image_size // 2 ** len(c.channels)  # code map is bottom x bottom
+        self.bottom = c.image_size // (c.patch * 2 ** (len(c.channels) - 1))  # code map is bottom x bottom
         self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None
         top = c.channels[-1]
         # Residual blocks only at the code resolution, as in the paper: full-resolution
         # convolutions with few channels would dominate the CPU cost of training and sampling.
-        self.encoder = nn.Sequential(ConvEncoder(c.channels, 1), *(ResBlock(top) for _ in range(c.res_blocks)),
+        self.encoder = nn.Sequential(ConvEncoder(c.channels, 1, patch=c.patch), *(ResBlock(top) for _ in range(c.res_blocks)),
                                      nn.Conv2d(top, c.code_dim, 1))  # (B, 1, H, W) -> (B, D, h, w)
         self.codebook = EMACodebook(c.codebook_size, c.code_dim, c.codebook_decay, c.dead_threshold)
         self.decoder = nn.Sequential(nn.Conv2d(c.code_dim, top, 3, 1, 1), *(ResBlock(top) for _ in range(c.res_blocks)),
-                                     ConvDecoder(c.channels, 1))  # (B, D, h, w) -> (B, 1, H, W) logits
+                                     ConvDecoder(c.channels, 1, patch=c.patch))  # (B, D, h, w) -> (B, 1, H, W) logits
         self.prior = CodePrior(c.codebook_size, self.bottom ** 2, c.prior_width, c.prior_layers, c.prior_heads,
                                c.prior_dropout, c.cond_dim if c.conditions else 0, c.prior_window)
 

@@ -67,7 +67,7 @@ def load_model(path: Path, *, prefer_ema: bool = True, device: str | torch.devic
     lookup(arch)
     model = build(arch, cfg)
     load_weights(path, model, prefer_ema=prefer_ema)
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()  # the layout training used
 
 
 def ema_tensors(path: Path) -> dict[str, torch.Tensor] | None:
