@@ -117,6 +117,17 @@ def test_inference_copy_folds_batchnorm_and_keeps_outputs(arch):
     assert torch.allclose(a, model.sample(2, c, torch.Generator().manual_seed(3)), atol=1e-5)
 
 
+def test_vqvae_patch_sets_the_code_map():
+    model = build("vqvae", {"image_size": 64, "channels": (16, 16, 16), "patch": 4}).eval()
+    x = torch.rand(2, 1, 64, 64)
+    assert model.encode(x).indices.shape == (2, 4, 4)  # 64 / (4 * 2**2)
+    assert model(x).recon.shape == x.shape and model.sample(2).shape == (2, 1, 64, 64)
+    with pytest.raises(BrainVAEError, match="below 2 px"):
+        make_config("vqvae", {"image_size": 32, "channels": (16, 16, 16), "patch": 8})
+    with pytest.raises(BrainVAEError, match="power of two"):
+        make_config("vqvae", {"patch": 3})
+
+
 def test_sampling_is_seeded():
     model = tiny("vae").eval()
     a = model.sample(2, None, torch.Generator().manual_seed(0))
