@@ -32,3 +32,9 @@ $B anomaly runs/compare-mni/cevae-s0 --data datasets/ixi-t1-mni-anomalies --base
     --out runs/compare-mni/cevae-s0/anomaly-synthetic --quiet --force
 
 $B report runs/compare-mni/*-s0 --compare runs/compare-mni --out runs/compare-mni/report.html --force
+
+# Issue 4, after the speed changes (channels-last, fused AdamW, vqvae patch 4 + 3-layer prior):
+# the same 6-minute compare again (the vqvae row of benchmarks/README.md came from a separate
+# run, runs/compare-mni-s5, after the prior went to 3 layers), and AutoencoderKL vs vae/resvae.
+$B compare configs/vqvae.toml configs/vae.toml configs/resvae.toml --data datasets/ixi-t1-mni --out runs/compare-mni-s3 --budget 6m --quiet
+.venv/bin/python benchmarks/bench_quality.py --data datasets/ixi-t1-axial128 --archs --aekl 4m --default vae resvae

@@ -253,7 +253,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
                 scaler.step(opt)
                 scaler.update()
                 if "disc" in optimisers:
-                    _disc_step(model, optimisers["disc"], x, out.recon.detach(), cond, amp, dev, world)
+                    _disc_step(model, optimisers["disc"], groups["disc"], x, out.recon.detach(), cond, amp, dev, world)
                 if ema is not None:
                     ema.update(model, st["step"])
                 st["step"] += 1
@@ -320,13 +320,13 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     return summary
 
 
-def _disc_step(model, opt, x, recon, cond, amp, dev, world) -> None:
+def _disc_step(model, opt, params, x, recon, cond, amp, dev, world) -> None:
     opt.zero_grad(set_to_none=True)
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         d_loss = model.disc_loss(x, recon, cond).float().mean()
     d_loss.backward()
     if world > 1:  # the discriminator step bypasses DDP: average its gradients by hand
-        for p in model.optimizer_groups()["disc"]:
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
