@@ -6,6 +6,21 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
+def bottleneck_size(image_size: int, channels: tuple[int, ...], patch: int) -> int:
+    """Side of the feature map after a space-to-depth stage and len(channels) - 1 stride-2 stages."""
+    return image_size // (patch * 2 ** (len(channels) - 1))
+
+
+def check_stages(image_size: int, channels: tuple[int, ...], patch: int) -> None:
+    """Config checks shared by every encoder built from these stages (raises BrainVAEError)."""
+    from ..config import _check
+
+    _check(len(channels) >= 1 and all(c > 0 for c in channels), "channels must be positive")
+    _check(patch >= 1 and patch & (patch - 1) == 0, "patch must be a power of two")
+    _check(bottleneck_size(image_size, channels, patch) >= 2,
+           f"patch {patch} and {len(channels)} stages downsample {image_size} px below 2 px")
+
+
 def conv_bn_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     """3x3 conv (stride 1 keeps H, W; stride 2 halves them) -> BatchNorm -> SiLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU())

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 from .base import (PRIORS, BaseConfig, BrainModel, Cond, Conditioning, DiagonalGaussian, FittedGaussianPrior, Output,
                    gaussian_nll, randn)
-from .blocks import conv_bn_act, up_bn_act
+from .blocks import bottleneck_size, check_stages, conv_bn_act, up_bn_act
 from .registry import register
 
 
@@ -81,10 +81,7 @@ class ResVAEConfig(BaseConfig):
         super().__post_init__()
         from ..config import _check
 
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "channels must be positive")
-        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "patch must be a power of two")
-        _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
-               f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        check_stages(self.image_size, self.channels, self.patch)
         _check(self.enc_blocks >= 0 and self.dec_blocks >= 0, "enc_blocks and dec_blocks must be >= 0")
         _check(self.latent_dim > 0 and self.latent_channels >= 0, "latent_dim must be > 0, latent_channels >= 0")
         _check(self.beta >= 0 and self.free_bits >= 0, "beta and free_bits must be >= 0")
@@ -193,7 +190,7 @@ class ResVAE(BrainModel):
     def __init__(self, config: ResVAEConfig):
         super().__init__(config)
         c = config
-        self.bottom = c.image_size // (c.patch * 2 ** (len(c.channels) - 1))  # spatial size at the bottleneck
+        self.bottom = bottleneck_size(c.image_size, c.channels, c.patch)  # spatial size at the bottleneck
         top = c.channels[-1]
         k = c.cond_dim if c.conditions else 0
         self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import PRIORS, BaseConfig, FittedGaussianPrior, BrainModel, Cond, Conditioning, DiagonalGaussian, Output, gaussian_nll, randn
-from .blocks import ConvDecoder, ConvEncoder
+from .blocks import ConvDecoder, ConvEncoder, bottleneck_size, check_stages
 from .registry import register
 
 
@@ -37,9 +37,7 @@ class VAEConfig(BaseConfig):
         super().__post_init__()
         from ..config import _check
 
-        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "patch must be a power of two")
-        _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
-               f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        check_stages(self.image_size, self.channels, self.patch)
         _check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
         _check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
 
@@ -51,7 +49,7 @@ class VAE(BrainModel):
     def __init__(self, config: VAEConfig):
         super().__init__(config)
         c = config
-        self.bottom = c.image_size // (c.patch * 2 ** (len(c.channels) - 1))  # spatial size at the bottleneck
+        self.bottom = bottleneck_size(c.image_size, c.channels, c.patch)  # spatial size at the bottleneck
         flat = c.channels[-1] * self.bottom ** 2
         k = c.cond_dim if c.conditions else 0
         self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import BaseConfig, BrainModel, Cond, Conditioning, Output, gaussian_nll
-from .blocks import ConvDecoder, ConvEncoder, ResBlock
+from .blocks import ConvDecoder, ConvEncoder, ResBlock, bottleneck_size, check_stages
 from .registry import register
 
 
@@ -72,10 +72,7 @@ class VQVAEConfig(BaseConfig):
         super().__post_init__()
         from ..config import _check
 
-        _check(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "channels must be positive")
-        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "patch must be a power of two")
-        _check(self.image_size // (self.patch * 2 ** (len(self.channels) - 1)) >= 2,
-               f"patch {self.patch} and {len(self.channels)} stages downsample {self.image_size} px below 2 px")
+        check_stages(self.image_size, self.channels, self.patch)
         _check(self.res_blocks >= 0, "res_blocks must be >= 0")
         _check(self.codebook_size >= 2 and self.code_dim > 0, "codebook_size must be >= 2 and code_dim positive")
         _check(self.commitment >= 0 and self.sigma > 0, "commitment must be >= 0 and sigma positive")
@@ -303,7 +300,7 @@ class VQVAE(BrainModel):
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
         c = config
-        self.bottom = c.image_size // (c.patch * 2 ** (len(c.channels) - 1))  # code map is bottom x bottom
+        self.bottom = bottleneck_size(c.image_size, c.channels, c.patch)  # code map is bottom x bottom
         self.cond = Conditioning(c.conditions, c.cond_dim) if c.conditions else None
         top = c.channels[-1]
         # Residual blocks only at the code resolution, as in the paper: full-resolution
