@@ -63,7 +63,9 @@ def conditions(model, age: float | None, sex: str | float | None, position: floa
 @torch.no_grad()
 def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256,
                   precision: str = "auto") -> np.ndarray:
-    """n samples as (n, H, W) float32, reproducible from ``seed`` (bf16 autocast unless precision="fp32")."""
+    """n samples as (n, H, W) float32, reproducible from ``seed`` (one generator for all batches;
+    bf16 autocast unless precision="fp32"). A condition is one value for all samples or n values
+    (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last)."""
     from .train.engine import autocast_dtype
 
     g = torch.Generator(device=model.device).manual_seed(seed)
@@ -72,7 +74,11 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
     out = []
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, n, batch_size):
-            out.append(model.sample(min(batch_size, n - start), cond, g).float().clamp(0, 1)[:, 0].cpu().numpy())
+            stop = min(start + batch_size, n)
+            c = None if cond is None else {
+                k: torch.as_tensor(v, dtype=torch.float32, device=model.device)[start:stop] if np.ndim(v) else v
+                for k, v in cond.items()}
+            out.append(model.sample(stop - start, c, g).float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 

@@ -67,23 +67,6 @@ def conditions_of(store: SliceStore, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def sample_matched(model, n: int, cond: dict[str, np.ndarray] | None, seed: int, batch_size: int = 256) -> np.ndarray:
-    """n samples (n, H, W); sample i uses the conditions cond[k][i]. One seeded generator for all batches."""
-    from ..train.engine import autocast_dtype
-
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    dtype = autocast_dtype("auto", model.device)
-    out = []
-    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            c = None if cond is None else {k: torch.as_tensor(v[start:start + b], dtype=torch.float32,
-                                                              device=model.device) for k, v in cond.items()}
-            out.append(model.sample(b, c, g).float().clamp(0, 1)[:, 0].cpu().numpy())
-    return np.concatenate(out)
-
-
-@torch.no_grad()
 def reconstruct(model, images: np.ndarray, cond: dict[str, np.ndarray] | None, batch_size: int = 128) -> np.ndarray:
     """Mean reconstructions (fp32) of (n, H, W) images."""
     out = []
@@ -329,7 +312,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
 
     stage(steps[1])
     cond = {k: test_cond[k] for k in conds} or None
-    samples = sample_matched(model, m, cond, seed)
+    samples = G.sample_images(model, m, cond, seed)  # sample i at the conditions of real slice i
     bar.update()
 
     stage(steps[2])
