@@ -107,6 +107,7 @@ def test_inference_copy_folds_batchnorm_and_keeps_outputs(arch):
         model(x, cond)  # BatchNorm running statistics move away from (0, 1)
     model.eval()
     fast = model.for_inference()
+    assert fast is not model and fast.for_inference() is fast  # a copy, prepared once
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert n_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched

@@ -71,13 +71,16 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
     model = model.for_inference()
+    # (n,) per condition; numpy input is copied: pandas hands out read-only arrays, which torch warns about
+    per_sample = {k: torch.as_tensor(np.array(v, np.float32) if isinstance(v, np.ndarray) else v,
+                                     dtype=torch.float32, device=model.device)
+                  for k, v in (cond or {}).items() if np.ndim(v)}
     out = []
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            c = None if cond is None else {
-                k: torch.as_tensor(v, dtype=torch.float32, device=model.device)[start:stop] if np.ndim(v) else v
-                for k, v in cond.items()}
+            c = None if cond is None else {k: per_sample[k][start:stop] if k in per_sample else v
+                                           for k, v in cond.items()}
             out.append(model.sample(stop - start, c, g).float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(out)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from tqdm import tqdm
@@ -202,10 +201,11 @@ def sample_rows(model, rows: pd.DataFrame, seed: int, *, size: int | None = None
     values = {"age": rows["age"].to_numpy(dtype=float),
               "sex": rows["sex"].map(SEX_CODE).fillna(0.0).to_numpy(dtype=float),
               "position": rows["position"].to_numpy(dtype=float)}
+    model = model.for_inference()  # once: sample_images then reuses it for every batch
     out = []
     for b, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False)):
         stop = min(start + batch_size, len(rows))
-        cond = {k: torch.tensor(values[k][start:stop], dtype=torch.float32, device=model.device) for k in keys}
+        cond = {k: values[k][start:stop] for k in keys}  # (b,) per condition
         images = sample_images(model, stop - start, cond or None, seed + b, batch_size=batch_size)  # (b, H, W)
         out.append(images if size is None else resize_slices(images, None, size))
     side = size or model.config.image_size

@@ -173,6 +173,7 @@ class BrainModel(nn.Module):
 
     arch: str = ""  # set by @register
     stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
+    inference_copy: bool = False  # True on the frozen copies made by for_inference()
 
     def __init__(self, config: BaseConfig):
         super().__init__()
@@ -215,10 +216,14 @@ class BrainModel(nn.Module):
     def for_inference(self) -> "BrainModel":
         """A frozen copy for fast sampling: eval mode, BatchNorm folded into the convs before it,
         channels-last memory (oneDNN's and cuDNN's preferred layout). Same outputs up to float
-        rounding; the original is untouched. Not for training or saving (its parameters differ)."""
+        rounding; the original is untouched. Not for training or saving (its parameters differ).
+        On such a copy it returns the copy itself, so callers in a loop can prepare it once."""
         from .blocks import fold_batchnorm
 
+        if self.inference_copy:
+            return self
         model = fold_batchnorm(copy.deepcopy(self).eval())
+        model.inference_copy = True
         return model.to(memory_format=torch.channels_last).requires_grad_(False)
 
     @torch.no_grad()
