@@ -23,13 +23,12 @@ import json
 import os
 import statistics
 import time
-import tomllib
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainvae.config import TrainConfig
+from brainvae.config import RunConfig, TrainConfig, load_config
 from brainvae.generate import sample_images
 from brainvae.models.base import Output
 from brainvae.models.registry import architectures, build
@@ -82,7 +81,7 @@ def make(arch: str, size: int) -> torch.nn.Module:
     if arch == "monai-aekl":
         return AEKLAdapter(size)
     path = ROOT / "configs" / f"{arch}.toml"
-    values = tomllib.loads(path.read_text())["model"] if path.exists() else {}
+    values = load_config(RunConfig, path).model if path.exists() else {}
     values = {k: v for k, v in values.items() if k != "arch"}
     return build(arch, {**values, "image_size": size}).to(memory_format=torch.channels_last)
 
