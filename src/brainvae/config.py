@@ -103,7 +103,7 @@ class TrainConfig:
     budget: str | None = None  # wall-clock budget such as "20m", "90s", "1.5h"
     patience: int = 8  # early stopping after this many epochs without validation improvement (0 = off)
     val_batches: int = 20  # validation batches per epoch (0 = whole split)
-    precision: str = "auto"  # auto: bf16 on CPU and on CUDA when supported
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512-BF16/AMX), else fp32 (fp16 on old GPUs)
     compile: bool = False  # torch.compile the model
     log_every: int = 25  # steps between logged training scalars
     seed: int = 0

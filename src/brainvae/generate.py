@@ -64,7 +64,7 @@ def conditions(model, age: float | None, sex: str | float | None, position: floa
 def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256,
                   precision: str = "auto") -> np.ndarray:
     """n samples as (n, H, W) float32, reproducible from ``seed`` (one generator for all batches;
-    bf16 autocast unless precision="fp32"). A condition is one value for all samples or n values
+    autocast as ``autocast_dtype(precision)``: bf16 only where it is native). A condition is one value for all samples or n values
     (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last)."""
     from .train.engine import autocast_dtype
 

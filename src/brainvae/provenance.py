@@ -7,6 +7,8 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 
+from .hardware import git_commit, hardware
+
 _PACKAGES = ("brainvae", "numpy", "scipy", "nibabel", "SimpleITK", "torch", "torchio", "monai", "pandas",
              "scikit-image", "scikit-learn", "nilearn")
 
@@ -24,5 +26,7 @@ def provenance(**extra) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "versions": versions,
+        "git_commit": git_commit(),
+        "hardware": hardware(),
         **extra,
     }
