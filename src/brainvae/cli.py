@@ -221,6 +221,10 @@ def tune_cmd(
 Age = Annotated[Optional[float], typer.Option(help="Age in years (conditional models).")]
 Sex = Annotated[Optional[str], typer.Option(help="M or F (conditional models).")]
 Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Prior integration steps (ldm; default from its config).")]
+Guidance = Annotated[Optional[float], typer.Option(
+    help="Classifier-free guidance scale (ldm): 0 ignores the conditions, 1 follows them, > 1 sharpens them.")]
+Solver = Annotated[Optional[str], typer.Option(help="euler or heun (ldm; default from its config).")]
 
 
 @app.command("compare")
@@ -252,6 +256,7 @@ def sample_cmd(
     n: Annotated[int, typer.Option("-n", help="Number of slices.")] = 64,
     age: Age = None, sex: Sex = None, position: Position = None, seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
+    steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
     device: Device = "auto", force: Force = False,
 ) -> None:
     """Generate new slices: PNG grid, one PNG each, a NIfTI stack and .npy."""
@@ -260,9 +265,12 @@ def sample_cmd(
 
     model = G.load(run, device=resolve_device(device))
     cond = G.conditions(model, age, sex, position)
-    images = G.sample_images(model, n, cond, seed)
+    sampler = {"steps": steps, "guidance": guidance, "solver": solver}
+    images = G.sample_images(model, n, cond, seed, sampler=sampler)
     out = out or Path(run) / "samples"
-    G.export(images, out, G.spacing_of(run), {"run": str(run), "n": n, "seed": seed, "cond": cond}, force=force)
+    meta = {"run": str(run), "n": n, "seed": seed, "cond": cond,
+            "sampler": {k: v for k, v in sampler.items() if v is not None}}
+    G.export(images, out, G.spacing_of(run), meta, force=force)
     typer.echo(f"{n} samples -> {out}")
 
 
@@ -328,6 +336,7 @@ def evaluate_cmd(
                                                                "(default 300; trained once per store, cached).")] = None,
     predictor_steps: Annotated[Optional[int], typer.Option(help="Training steps of the store's age / sex predictors "
                                                                  "(default 300; cached).")] = None,
+    steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
     device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
@@ -337,7 +346,8 @@ def evaluate_cmd(
     out = out or Path(run) / "eval"
     metrics = evaluate_run(run, data, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
                            featnet_steps=featnet_steps, predictor_steps=predictor_steps,
-                           device=resolve_device(device))
+                           device=resolve_device(device),
+                           sampler={"steps": steps, "guidance": guidance, "solver": solver})
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}"

@@ -36,6 +36,8 @@ HEADLINE: list[tuple[str, tuple[str, ...], bool]] = [
     ("kid_featnet", ("realism", "featnet", "kid", "value"), False),
     ("fd_radiomics_ratio", ("realism", "radiomics", "fd", "ratio"), False),
     ("fd_pca64_ratio", ("realism", "pca64", "fd", "ratio"), False),
+    ("c2st_acc", ("c2st", "accuracy", "value"), False),  # classifier two-sample test: 0.5 = indistinguishable
+    ("c2st_acc_floor", ("c2st", "accuracy", "floor"), False),
     ("precision", ("realism", "featnet", "precision", "value"), True),
     ("recall", ("realism", "featnet", "recall", "value"), True),
     ("density", ("realism", "featnet", "density", "value"), True),

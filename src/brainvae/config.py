@@ -131,10 +131,16 @@ class RunConfig:
     model: dict = field(default_factory=lambda: {"arch": "vae"})
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: dict = field(default_factory=dict)
+    # Two-stage models: ``[stages.NAME]`` overrides [train] for one stage, and ``share`` (0..1) is that stage's
+    # part of the run's steps, epochs and budget (default: the stages after the first get 0.5 between them).
+    stages: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check("arch" in self.model, "[model] needs an 'arch' key")
         self.model_config()  # validates the architecture and its fields
+        from .models.registry import lookup
+
+        self.stage_plan(lookup(self.arch)[0].stages)  # validates [stages]
 
     @property
     def arch(self) -> str:
@@ -144,6 +150,33 @@ class RunConfig:
         from .models.registry import make_config
 
         return make_config(self.arch, {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
+
+
+    def stage_plan(self, names: tuple[str, ...]) -> list[tuple[str, TrainConfig]]:
+        """(stage name, its TrainConfig) in training order: [train] with the stage's overrides, and the run's
+        steps / epochs / budget split by the stages' shares."""
+        unknown = sorted(set(self.stages) - set(names))
+        _check(not unknown, f"[stages] names {unknown} are not stages of {self.arch} (its stages: {list(names)})")
+        if len(names) == 1:
+            return [(names[0], self._stage_train(names[0], 1.0))]
+        later = {n: self.stages.get(n, {}).get("share", 0.5 / (len(names) - 1)) for n in names[1:]}
+        _check("share" not in self.stages.get(names[0], {}),
+               f"the first stage ({names[0]}) takes what the others leave: give later stages a share")
+        shares = {names[0]: 1.0 - sum(later.values()), **later}
+        _check(all(0 < v < 1 for v in shares.values()), f"stage shares must be in (0, 1) and leave the first "
+               f"stage a part; got {shares}")
+        return [(n, self._stage_train(n, shares[n])) for n in names]
+
+    def _stage_train(self, name: str, share: float) -> TrainConfig:
+        base, over = self.train, {k: v for k, v in self.stages.get(name, {}).items() if k != "share"}
+        split = {}
+        if base.steps is not None and "steps" not in over:
+            split["steps"] = max(1, round(base.steps * share))
+        if base.budget is not None and "budget" not in over:
+            split["budget"] = f"{base.budget_seconds * share:.3f}s"
+        if "epochs" not in over:
+            split["epochs"] = max(1, round(base.epochs * share))
+        return from_dict(TrainConfig, {**to_dict(base), **split, **over}, f"[stages.{name}]")
 
 
 def parse_duration(text: str) -> float:

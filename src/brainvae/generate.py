@@ -62,11 +62,14 @@ def conditions(model, age: float | None, sex: str | float | None, position: floa
 
 @torch.no_grad()
 def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int = 256,
-                  precision: str = "auto") -> np.ndarray:
+                  precision: str = "auto", sampler: dict | None = None) -> np.ndarray:
     """n samples as (n, H, W) float32, reproducible from ``seed`` (one generator for all batches;
     autocast as ``autocast_dtype(precision)``: bf16 only where it is native). A condition is one value for all samples or n values
-    (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last)."""
+    (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last).
+    ``sampler``: options of a model with a learned prior (``model.sample_options``: e.g. steps, guidance, solver)."""
     from .train.engine import autocast_dtype
+
+    sampler = model.check_sample_options(sampler)
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
@@ -81,7 +84,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
             stop = min(start + batch_size, n)
             c = None if cond is None else {k: per_sample[k][start:stop] if k in per_sample else v
                                            for k, v in cond.items()}
-            out.append(model.sample(stop - start, c, g).float().clamp(0, 1)[:, 0].cpu().numpy())
+            out.append(model.sample(stop - start, c, g, **sampler).float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 

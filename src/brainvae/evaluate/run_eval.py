@@ -12,6 +12,13 @@ a ratio near 1 means the samples are as close to the test set as other real
 slices are. All images are compared at the model's size (store slices are
 area-resized like ``SliceBatches`` does).
 
+The classifier two-sample test (``c2st``: can a small CNN tell samples from
+real test slices?) has the same floor: the same test between the ``n`` real
+training slices and the real test slices, both split in halves by subject.
+Models conditioned on age also get an age-effect check (``age_effect``): the
+slope of the in-brain CSF fraction vs requested age, beside the slope of real
+test + validation slices near the middle of the brain.
+
 Writes ``OUT/metrics.json`` (schema in ``evaluate_run``), ``reconstruction.csv``
 and figures, atomically; an existing OUT is refused unless ``force``.
 """
@@ -33,8 +40,11 @@ from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
 from ..provenance import provenance
+from . import age_effect as A
 from . import features as Fe
 from . import realism as R
+from .c2st import STEPS as C2ST_STEPS
+from .c2st import c2st
 from .reconstruction import reconstruction_metrics, summarise
 
 AGES = (25, 35, 45, 55, 65, 75, 85)
@@ -108,11 +118,15 @@ def summary_rows(metrics: dict) -> list[dict]:
             if key in d:
                 rows.append({"metric": f"{space} {key}", "model": d[key]["value"], "floor": d[key]["floor"],
                              "ratio": d[key]["ratio"]})
-    for group, keys in (("histogram", ("wasserstein", "js")), ("diversity", ("ms_ssim",)),
-                        ("memorisation", ("share_above",))):
+    for group, keys in (("c2st", ("accuracy", "auc")), ("histogram", ("wasserstein", "js")),
+                        ("diversity", ("ms_ssim",)), ("memorisation", ("share_above",))):
         for key in keys:
             v = metrics[group][key]
             rows.append({"metric": f"{group} {key}", "model": v["value"], "floor": v["floor"], "ratio": v["ratio"]})
+    age = metrics.get("age_effect", {})
+    if "sample_slope" in age:  # the "floor" of this row is the real slices' slope
+        rows.append({"metric": "age CSF slope/decade (floor=real)", "model": age["sample_slope"],
+                     "floor": age["real_slope"], "ratio": ratio(age["sample_slope"], age["real_slope"])})
     for key in ("psnr", "ssim", "ms_ssim"):
         rows.append({"metric": f"reconstruction {key} (brain)", "model": metrics["reconstruction"]["brain"][key]["mean"],
                      "floor": None, "ratio": None})
@@ -135,6 +149,62 @@ def conditional_section(model, store: SliceStore, n: int, seed: int, progress: b
 
     cfg = PredictorConfig() if predictor_steps is None else PredictorConfig(steps=predictor_steps)
     return conditional_fidelity(model, store, n=n, seed=seed, progress=progress, predictor=cfg)
+
+
+def c2st_section(samples: np.ndarray, real: np.ndarray, train: np.ndarray, real_subjects: np.ndarray,
+                 train_subjects: np.ndarray, seed: int, steps: int | None = None) -> dict:
+    """C2ST of samples vs real test slices, and its floor: real training vs real test slices (``evaluate.c2st``).
+
+    All three sets have the same size. Real sets are split in halves by subject,
+    so the classifier cannot win by recognising subjects; samples by slice.
+    Real test is the reference set ``b`` in both tests, so with one seed both
+    use the same halves of it.
+    """
+    steps = C2ST_STEPS if steps is None else steps
+    model = c2st(samples, real, seed=seed, steps=steps, groups_b=real_subjects)
+    floor = c2st(train, real, seed=seed, steps=steps, groups_a=train_subjects, groups_b=real_subjects)
+    out = paired({k: model[k] for k in ("accuracy", "auc")}, {k: floor[k] for k in ("accuracy", "auc")})
+    return {**out, "n_train": model["n_train"], "n_test": model["n_test"], "floor_n_train": floor["n_train"],
+            "floor_n_test": floor["n_test"], "steps": model["steps"],
+            "split_by_subject": {"real_test": model["split_by_group"]["b"],
+                                 "real_train": floor["split_by_group"]["a"]},
+            "floor_sets": "real training vs real test slices (different subjects), as many as the samples"}
+
+
+def age_effect_section(model, store: SliceStore, seed: int) -> tuple[dict, dict | None]:
+    """CSF fraction vs age of samples (ages ``A.AGES``) and of real test + val slices near position 0.5.
+
+    Returns (metrics["age_effect"], the points for the figure or None). Samples:
+    ``A.PER_AGE`` per age, alternately female and male when the model takes sex,
+    at position 0.5 when it takes position; one seed for all (sample_images).
+    Real: test and validation slices with |position - 0.5| <= ``A.WINDOW`` and a
+    known age, resized to the model's size like the samples are compared
+    everywhere else.
+    """
+    conds = set(model.config.conditions)
+    if "age" not in conds:
+        return {"skipped": "the model is not conditioned on age"}, None
+    m = store.manifest
+    near = ((m["split"].isin(["test", "val"])) & ((m["position"] - A.POSITION).abs() <= A.WINDOW + 1e-9)
+            & np.isfinite(m["age"].to_numpy(dtype=float)))
+    rows = np.flatnonzero(near.to_numpy())
+    subjects = m["subject"].to_numpy()[rows]
+    if len(np.unique(subjects)) < 3:
+        return {"skipped": f"fewer than 3 test/val subjects with a known age have slices at position "
+                           f"{A.POSITION} ± {A.WINDOW} ({len(np.unique(subjects))})"}, None
+    size = model.config.image_size
+    real_age = m["age"].to_numpy(dtype=float)[rows]
+    real_csf = A.csf_fraction(load_rows(store, rows, size))  # (m,)
+
+    ages = np.repeat(np.asarray(A.AGES, float), A.PER_AGE)  # (n,)
+    cond = {"age": ages, "sex": np.resize([-1.0, 1.0], len(ages)), "position": A.POSITION}
+    images = G.sample_images(model, len(ages), {k: v for k, v in cond.items() if k in conds}, seed)  # (n, S, S)
+    sample_csf = A.csf_fraction(images)
+    result = A.compare_age_effect(ages, sample_csf, real_age, real_csf, subjects, seed=seed)
+    result.update(ages=list(A.AGES), per_age=A.PER_AGE, csf_threshold=A.CSF_THRESHOLD, foreground=A.FOREGROUND,
+                  position=A.POSITION, window=A.WINDOW,
+                  sample_sex=("alternately F and M" if "sex" in conds else "not a condition"))
+    return result, {"sample_age": ages, "sample_csf": sample_csf, "real_age": real_age, "real_csf": real_csf}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -260,7 +330,7 @@ def interpolation_pair(store: SliceStore, test_rows: np.ndarray) -> tuple[int, i
 def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Path | None = None, n: int = 1000,
                  seed: int = 0, extractor: str | Path | None = None, force: bool = False, progress: bool = True,
                  featnet_steps: int | None = None, predictor_steps: int | None = None,
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", c2st_steps: int | None = None, sampler: dict | None = None) -> dict:
     """Evaluate a run against a store's test split; writes OUT (default RUN/eval) and returns metrics.json's dict.
 
     metrics.json keys:
@@ -269,6 +339,12 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
       feature_net         cache path, trained_now, objective, config, test position MAE
       realism             {space: {fd|kid|precision|recall|density|coverage: {value, floor, ratio[, std, floor_std]}}}
                           for spaces featnet, radiomics, pca64 and extractor (with --extractor)
+      c2st                classifier two-sample test, samples vs real test (floor: real train vs real test):
+                          {accuracy|auc: {value, floor, ratio}, n_train, n_test (per class), floor_n_train,
+                          floor_n_test, steps, split_by_subject, floor_sets}; 0.5 = cannot be told apart
+      age_effect          (age-conditioned models) CSF fraction vs age: {sample_slope, real_slope, real_ci,
+                          within_ci, n_real_subjects, ...} (per decade); {"skipped": why} for other models
+                          or too few real subjects
       histogram           {wasserstein|js|intersection: {value, floor, ratio}}
       diversity           {ms_ssim: {value (samples), floor (real test), ratio}, pairs}
       memorisation        {share_above, nn_ssim_mean: {value, floor, ratio}, threshold_ssim, quantile, k, closest_pairs}
@@ -288,12 +364,12 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
                                 "real test slices and training slices (prepare the store with a train/val/test split)")
     if n < 2:
         raise BrainVAEError(f"-n must be at least 2, got {n}")
-    model = G.load(run, device=device)
+    model = G.load(run, device=device).configure_sampler(**(sampler or {}))  # e.g. ldm steps / guidance
     ext = Fe.TorchScriptExtractor(extractor) if extractor is not None else None
     size = model.config.image_size
     conds = tuple(model.config.conditions)
-    steps = ["load slices", "sample", "reconstruct", "feature net", "features", "distances", "memorisation",
-             "figures", "write"]
+    steps = ["load slices", "sample", "reconstruct", "feature net", "features", "distances", "c2st", "age effect",
+             "memorisation", "figures", "write"]
     bar = tqdm(total=len(steps), desc="evaluate", unit="stage", disable=not progress)
 
     def stage(name: str) -> None:
@@ -355,6 +431,15 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     bar.update()
 
     stage(steps[6])
+    subject = store.manifest["subject"].to_numpy()
+    two_sample = c2st_section(samples, real, train, subject[test_sel], subject[train_sel], seed, c2st_steps)
+    bar.update()
+
+    stage(steps[7])
+    age_effect, age_points = age_effect_section(model, store, seed)
+    bar.update()
+
+    stage(steps[8])
     thumb = min(32, size)
     thumbs = load_rows(store, train_rows, thumb).reshape(len(train_rows), -1)  # (N_train, thumb * thumb)
 
@@ -384,10 +469,11 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
         "n": m, "n_requested": n, "seed": seed,
         "sampling": ("conditions of the n real test slices (sample i matched to test slice i)" if conds
                      else "the model's prior (unconditional)"),
+        "sampler": getattr(model, "sampler_defaults", {}),  # options given to the prior (ldm), else empty
         "feature_net": {**{k2: v for k2, v in info.items() if k2 != "final_batch"},
                         "test_position_mae": float(np.mean(np.abs(pos_real - test_cond["position"])))},
-        "realism": realism, "histogram": histogram, "diversity": diversity, "memorisation": memorisation,
-        "reconstruction": reconstruction,
+        "realism": realism, "c2st": two_sample, "histogram": histogram, "diversity": diversity,
+        "memorisation": memorisation, "reconstruction": reconstruction, "age_effect": age_effect,
     }
     if ext is not None:
         metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": int(spaces["extractor"][0].shape[1])}
@@ -396,7 +482,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
         metrics["conditional"] = conditional
     metrics["summary"] = summary_rows(metrics)
 
-    stage(steps[7])
+    stage(steps[9])
     with atomic_dir(out, force=force) as tmp:
         figures = ["real_vs_sample.png", "reconstructions.png", "closest_pairs.png", "histograms.png",
                    "interpolation.png"]
@@ -415,8 +501,11 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
                         title="same latent (seed) at every age and sex" + (", position 0.5" if "position" in conds
                                                                              else ""))
             figures.append("age_sex_grid.png")
+        if age_points is not None:
+            A.fig_age_effect(tmp / "age_effect.png", age_effect, **age_points)
+            figures.append("age_effect.png")
         bar.update()
-        stage(steps[8])
+        stage(steps[10])
         metrics["figures"] = figures
         metrics["provenance"] = provenance(run=str(run), store=str(store.path), seed=seed, n=m,
                                            feature_net=info["path"], extractor=str(extractor) if extractor else None)

@@ -44,7 +44,7 @@ class BaseConfig:
 
 @dataclass
 class Output:
-    recon: Tensor  # (B, 1, H, W)
+    recon: Tensor | None  # (B, 1, H, W); None when the pass does not decode (a latent prior's training stage)
     posterior: object
     losses: dict[str, Tensor] = field(default_factory=dict)  # each (B,)
 
@@ -174,6 +174,8 @@ class BrainModel(nn.Module):
     arch: str = ""  # set by @register
     stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
     inference_copy: bool = False  # True on the frozen copies made by for_inference()
+    stages: tuple[str, ...] = ("model",)  # training stages, in order (two-stage models: autoencoder, then prior)
+    sample_options: tuple[str, ...] = ()  # keyword options of sample() beyond (n, cond, generator)
 
     def __init__(self, config: BaseConfig):
         super().__init__()
@@ -232,8 +234,34 @@ class BrainModel(nn.Module):
         return (x - self.reconstruct(x, cond)).abs()
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameter groups with their own optimiser; a ``"disc"`` group is trained with ``disc_loss``."""
+        """Parameter groups of the current stage, each with its own optimiser; a ``"disc"`` group is trained
+        with ``disc_loss``."""
         return {"model": list(self.parameters())}
+
+    def configure_sampler(self, **options) -> "BrainModel":
+        """Set default options of ``sample`` (those in ``sample_options``; None = keep); returns self."""
+        options = self.check_sample_options(options)
+        self.sampler_defaults = {**getattr(self, "sampler_defaults", {}), **options}
+        return self
+
+    def check_sample_options(self, options: dict | None) -> dict:
+        """The given sampling options without None values; unknown ones are a BrainVAEError."""
+        from ..errors import BrainVAEError
+
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(set(options) - set(self.sample_options))
+        if unknown:
+            raise BrainVAEError(f"{self.arch} takes no sampling option(s) {unknown}"
+                                + (f"; it takes {list(self.sample_options)}" if self.sample_options else ""))
+        return options
+
+    def set_stage(self, name: str) -> None:
+        """Select the training stage (which parameters train, which loss ``forward`` returns)."""
+        if name not in self.stages:
+            raise ValueError(f"{self.arch} has no training stage {name!r}; its stages: {self.stages}")
+
+    def begin_stage(self, name: str, data) -> None:
+        """Called once when stage ``name`` starts (after the previous one), with the training ``SliceBatches``."""
 
     def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
         """Conditions for sampling: given values broadcast to n; missing ones drawn from a neutral default."""

@@ -67,7 +67,9 @@ class ResVAEConfig(BaseConfig):
     latent_channels: int = 8  # spatial latent (latent_channels, s, s) at the bottleneck grid; 0 = flat
     latent_dim: int = 128  # flat latent size (used only when latent_channels == 0)
     beta: float = 1.0  # weight of the KL term (beta-VAE when != 1)
-    prior: str = "fitted"  # sampling prior: "standard" N(0, I), or "fitted" (Gaussian of the aggregate posterior)
+    # sampling prior: "standard" N(0, I), or "fitted" (Gaussian of the aggregate posterior; its (D, D) moments
+    # are kept in the checkpoint, so it suits small latents only)
+    prior: str = "fitted"
     prior_decay: float = 0.99  # per-step decay of the running moments behind the fitted prior
     sigma_min: float = 0.01  # floor of the decoder's per-pixel std (images in [0, 1])
     sigma_init: float = 0.1  # the decoder's std at initialisation
@@ -75,6 +77,7 @@ class ResVAEConfig(BaseConfig):
     cond_dim: int = 32  # width of the conditioning embedding
     adv_weight: float = 0.0  # weight of the patch-adversarial term (0 = no discriminator)
     adv_start: int = 2000  # optimiser step (``model.step``) at which the adversarial game starts
+    fm_weight: float = 0.0  # discriminator feature matching, relative to the hinge term (adv_weight > 0)
     disc_channels: tuple[int, ...] = (32, 64, 128)  # PatchGAN widths, one stride-2 conv each
 
     def __post_init__(self) -> None:
@@ -88,7 +91,8 @@ class ResVAEConfig(BaseConfig):
         _check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
         _check(0 <= self.prior_decay < 1, "prior_decay must be in [0, 1)")
         _check(0 < self.sigma_min < self.sigma_init, "need 0 < sigma_min < sigma_init")
-        _check(self.adv_weight >= 0 and self.adv_start >= 0, "adv_weight and adv_start must be >= 0")
+        _check(self.adv_weight >= 0 and self.adv_start >= 0 and self.fm_weight >= 0,
+               "adv_weight, adv_start and fm_weight must be >= 0")
         _check(len(self.disc_channels) >= 1 and all(c > 0 for c in self.disc_channels),
                "disc_channels must be positive")
 
@@ -166,6 +170,7 @@ class PatchDiscriminator(nn.Module):
     """PatchGAN critic (Isola et al. 2017) with spectral norm (Miyato et al. 2018), no normalisation layers.
 
     (B, 1, H, W) in [0, 1] -> (B, 1, H / 2**len(channels), W / 2**len(channels)) real-vs-fake logits.
+    ``features`` also returns the activations after each stride-2 stage, for feature matching.
     """
 
     def __init__(self, channels: tuple[int, ...]):
@@ -179,8 +184,23 @@ class PatchDiscriminator(nn.Module):
         layers.append(sn(nn.Conv2d(prev, 1, 3, 1, 1)))
         self.net = nn.Sequential(*layers)
 
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h, feats = 2.0 * x - 1.0, []
+        for layer in self.net:
+            h = layer(h)
+            if isinstance(layer, nn.LeakyReLU):
+                feats.append(h)
+        return h, feats
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(2.0 * x - 1.0)
+
+
+def feature_matching(real: list[Tensor], fake: list[Tensor]) -> Tensor:
+    """Discriminator feature matching (Salimans et al. 2016; pix2pixHD, Wang et al. 2018): mean |f(x) - f(x_hat)|
+    over each layer's activations, averaged over layers, per sample (B,). The real features are constants."""
+    terms = [(r.detach().float() - f.float()).abs().flatten(1).mean(1) for r, f in zip(real, fake)]
+    return torch.stack(terms).mean(0)
 
 
 @register("resvae", ResVAEConfig)
@@ -209,7 +229,8 @@ class ResVAE(BrainModel):
         self._init_head()
         self.disc = PatchDiscriminator(c.disc_channels) if c.adv_weight > 0 else None
         self.step = 0  # global optimiser step, set by the engine (see the ``step`` property)
-        self.prior = FittedGaussianPrior(self.latent_shape().numel(), c.prior_decay, cond_dim=len(c.conditions))
+        self.prior = (FittedGaussianPrior(self.latent_shape().numel(), c.prior_decay, cond_dim=len(c.conditions))
+                      if c.prior == "fitted" else None)
 
     @property
     def step(self) -> int:
@@ -269,7 +290,7 @@ class ResVAE(BrainModel):
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         posterior = self.encode(x, cond)
         z = posterior.sample()
-        if self.training:
+        if self.training and self.prior is not None:
             self.prior.update(z, self._cond_vector(cond))
         mean, log_sigma = self.decode_params(z, cond)
         rec = gaussian_nll(x.float(), mean, log_sigma)  # (B,) nats
@@ -279,7 +300,7 @@ class ResVAE(BrainModel):
         kl_obj = kl_terms.clamp(min=self.config.free_bits).sum(1) if self.config.free_bits > 0 else kl
         losses = {"loss": rec + self.config.beta * kl_scale * kl_obj, "recon": rec, "kl": kl}
         if self._adversarial_active():
-            adv = self._generator_adv(mean, rec)
+            adv = self._generator_adv(x, mean, rec)
             losses["adv"] = adv
             losses["loss"] = losses["loss"] + adv
         return Output(mean, posterior, losses)
@@ -303,14 +324,20 @@ class ResVAE(BrainModel):
     def _adversarial_active(self) -> bool:
         return self._adv_on and self.training and torch.is_grad_enabled()
 
-    def _generator_adv(self, recon: Tensor, rec: Tensor) -> Tensor:
-        """Hinge generator term -mean(D(recon)) per sample, scaled to the reconstruction term: (B,).
+    def _generator_adv(self, x: Tensor, recon: Tensor, rec: Tensor) -> Tensor:
+        """Hinge generator term -mean(D(recon)) (+ ``fm_weight`` x feature matching) per sample, scaled to
+        the reconstruction term: (B,).
 
         The scale is VQGAN's adaptive weight (Esser et al. 2021): the ratio of the gradient norms of the
         reconstruction and adversarial terms at the decoder's last layer, so ``adv_weight`` means the
         same whatever the likelihood's magnitude.
         """
-        g_adv = -self.disc(recon).float().flatten(1).mean(1)  # (B,)
+        logits, fake_feats = self.disc.features(recon)
+        g_adv = -logits.float().flatten(1).mean(1)  # (B,)
+        if self.config.fm_weight > 0:
+            with torch.no_grad():
+                real_feats = self.disc.features(x)[1]
+            g_adv = g_adv + self.config.fm_weight * feature_matching(real_feats, fake_feats)
         last = self.decoder.head.weight
         g_rec = torch.autograd.grad(rec.sum(), last, retain_graph=True)[0]
         g_gan = torch.autograd.grad(g_adv.sum(), last, retain_graph=True)[0]

@@ -1,0 +1,92 @@
+"""Quality and speed of a learned-prior model (ldm) against its sampler settings. Not a test.
+
+For each (solver, steps, guidance) setting: n samples at the conditions of n
+real test slices (as ``brainvae evaluate`` draws them), their Fréchet distance
+in the store's feature net and in PCA-64 (each as a ratio to the real-train vs
+real-test floor of the same n), the classifier two-sample test accuracy against
+the real test slices (floor: real train vs real test), and sampling speed
+(slices/s through ``brainvae.generate.sample_images``, bf16 where native).
+
+    python benchmarks/bench_sampler.py runs/ldm --data datasets/ixi-t1-mni --steps 2 4 8 16 [--guidance 1 2] [--n 1000]
+
+Writes benchmarks/results/sampler_<run name>.json (or --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brainvae import generate as G
+from brainvae.data.store import SliceStore
+from brainvae.evaluate import features as Fe
+from brainvae.evaluate import realism as R
+from brainvae.evaluate.c2st import c2st
+from brainvae.evaluate.run_eval import conditions_of, load_rows
+from brainvae.provenance import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--solvers", nargs="+", default=["heun", "euler"])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    store = SliceStore(args.data)
+    model = G.load(args.run, which="best")
+    size = model.config.image_size
+    rng = np.random.default_rng(args.seed)
+    test_rows, train_rows = store.indices("test"), store.indices("train")
+    m = min(args.n, len(test_rows), len(train_rows))
+    test_sel = np.sort(rng.choice(test_rows, m, replace=False))
+    train_sel = np.sort(rng.choice(train_rows, m, replace=False))
+    real, train = load_rows(store, test_sel, size), load_rows(store, train_sel, size)
+    subject = store.manifest["subject"].to_numpy()
+    cond = {k: v for k, v in conditions_of(store, test_sel).items() if k in model.config.conditions} or None
+
+    net, _ = Fe.load_or_train_featnet(store, Fe.FeatNetConfig(), progress=False)
+    pca = Fe.fit_pca(train, seed=args.seed)
+    f_real, f_train = Fe.featnet_features(net, real)[0], Fe.featnet_features(net, train)[0]
+    p_real, p_train = Fe.pca_features(pca, real), Fe.pca_features(pca, train)
+    floor = {"fd_featnet": R.frechet_distance(f_real, f_train), "fd_pca64": R.frechet_distance(p_real, p_train),
+             "c2st_acc": c2st(train, real, seed=args.seed, groups_a=subject[train_sel], groups_b=subject[test_sel])["accuracy"]}
+    print(f"floor: {floor}")
+
+    rows = []
+    for guidance in args.guidance:
+        for solver in args.solvers:
+            for steps in args.steps:
+                sampler = {"steps": steps, "solver": solver, "guidance": guidance}
+                G.sample_images(model, 64, cond and {k: v[:64] for k, v in cond.items()}, args.seed, sampler=sampler)
+                t = time.perf_counter()
+                samples = G.sample_images(model, m, cond, args.seed, sampler=sampler)
+                speed = m / (time.perf_counter() - t)
+                fd = R.frechet_distance(f_real, Fe.featnet_features(net, samples)[0])
+                fd_pca = R.frechet_distance(p_real, Fe.pca_features(pca, samples))
+                acc = c2st(samples, real, seed=args.seed, groups_b=subject[test_sel])["accuracy"]
+                nfe = steps * (2 if solver == "heun" else 1) * (2 if guidance not in (0.0, 1.0) else 1)
+                row = {**sampler, "network_passes": nfe, "slices_per_s": round(speed, 1),
+                       "fd_featnet_ratio": fd / floor["fd_featnet"], "fd_pca64_ratio": fd_pca / floor["fd_pca64"],
+                       "c2st_acc": acc}
+                rows.append(row)
+                print(json.dumps(row))
+    out = args.out or ROOT / "benchmarks" / "results" / f"sampler_{args.run.name}.json"
+    out.write_text(json.dumps({"run": str(args.run), "store": str(args.data), "n": m, "floor": floor, "rows": rows,
+                               "provenance": provenance()}, indent=1))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

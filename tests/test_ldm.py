@@ -1,0 +1,124 @@
+"""The two-stage latent model (ldm): its flow prior, its stages in the engine, its sampling options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brainvae.config import RunConfig, TrainConfig
+from brainvae.data.dataset import SliceBatches
+from brainvae.errors import BrainVAEError
+from brainvae.generate import load, sample_images
+from brainvae.models.flow import FlowConfig, FlowPrior
+from brainvae.models.registry import build
+from brainvae.train.engine import train
+
+TINY_LDM = {"arch": "ldm", "image_size": 32, "conditions": ["age", "sex", "position"],
+            "autoencoder": {"channels": [8, 16], "adv_weight": 0.5, "adv_start": 3},
+            "prior": {"widths": [16, 32], "blocks": 1, "emb_dim": 32}}
+
+
+def run_cfg(**train) -> RunConfig:
+    base = dict(batch_size=8, log_every=1, val_batches=2, precision="fp32", warmup_steps=2, kl_warmup_steps=4)
+    return RunConfig(model=TINY_LDM, train=TrainConfig(**{**base, **train}), stages={"prior": {"share": 0.5}})
+
+
+def test_flow_matching_recovers_a_toy_distribution():
+    """A 1-channel 2x2 'latent' whose pixels are drawn from two clusters at +-2 (per sample, shared by all
+    pixels): after training, samples land near the clusters in the right proportion, not at the mean."""
+    torch.manual_seed(0)
+    prior = FlowPrior(FlowConfig(widths=(32,), blocks=2, patch=1, attention=False, emb_dim=32, steps=20),
+                      (1, 2, 2), ())
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for _ in range(600):
+        sign = torch.where(torch.rand(128) < 0.5, -1.0, 1.0)
+        z0 = sign[:, None, None, None] * 2.0 + 0.1 * torch.randn(128, 1, 2, 2)
+        loss = prior.loss(z0, None).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = prior.sample(400, None, torch.Generator().manual_seed(1), torch.device("cpu")).mean((1, 2, 3))
+    assert (z.abs() > 1.2).float().mean() > 0.8  # bimodal: most samples near +-2, few near 0
+    assert 0.3 < (z > 0).float().mean() < 0.7
+
+
+def test_guidance_zero_is_the_unconditional_sampler_and_one_the_conditional():
+    torch.manual_seed(0)
+    model = build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"}).eval()
+    for p in model.flow.parameters():  # a non-trivial velocity field (the output layers start at zero)
+        p.data.normal_(0, 0.2)
+    cond = model.default_cond(4, {"age": 80.0, "sex": 1.0, "position": 0.3})
+    cpu = torch.device("cpu")
+
+    def latents(c, **options):  # the prior's samples (an untrained decoder would map them all to grey)
+        return model.flow.sample(4, c, torch.Generator().manual_seed(3), cpu, **options)
+
+    uncond = latents({})
+    assert torch.allclose(latents(cond, guidance=0.0), uncond, atol=1e-6)
+    conditional = latents(cond, guidance=1.0)
+    assert not torch.allclose(conditional, uncond, atol=1e-3)
+    assert not torch.allclose(latents(cond, guidance=3.0), conditional, atol=1e-3)
+    assert model.sample(4, {"age": 80.0}, torch.Generator().manual_seed(3), steps=3, solver="euler").shape == (4, 1, 32, 32)
+
+
+def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    summary = train(full, tiny_store, run_cfg(steps=12), progress=False)
+    assert [s["stage"] for s in summary["stages"]] == ["autoencoder", "prior"]
+    assert [s["steps"] for s in summary["stages"]] == [6, 6] and summary["steps"] == 12
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/adv" in r for r in rows)  # the adversarial term started in stage 1
+    assert all("train/flow" in r for r in rows if r["step"] > 6 and "train/loss" in r)
+
+    model = load(full, "last")
+    assert model.latent_std.min() > 0 and not torch.allclose(model.latent_std, torch.ones(4))
+    # the autoencoder is frozen in the prior stage: the best checkpoint of stage 2 (its first epoch) has the same
+    mid = load(full, "best")
+    assert all(torch.equal(v, mid.autoencoder.state_dict()[k]) for k, v in model.autoencoder.state_dict().items())
+    assert not all(torch.equal(v, mid.flow.state_dict()[k]) for k, v in model.flow.state_dict().items())
+
+    cut = tmp_path / "cut"
+    calls = {"n": 0}
+    original = SliceBatches.batch
+
+    def interrupting(self, idx):
+        calls["n"] += 1
+        if calls["n"] == 15:  # inside the prior stage (after 6 steps + 5 validation batches + 1 statistics batch)
+            raise KeyboardInterrupt
+        return original(self, idx)
+
+    monkeypatch.setattr(SliceBatches, "batch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, tiny_store, run_cfg(steps=12), progress=False)
+    monkeypatch.setattr(SliceBatches, "batch", original)
+    assert torch.load(cut / "checkpoints" / "last.state.pt", weights_only=True)["counters"]["stage"] == 1
+    train(cut, tiny_store, run_cfg(steps=12), resume=True, progress=False)
+    a = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    b = {json.loads(x)["step"]: json.loads(x)["train/loss"] for x in (cut / "metrics.jsonl").read_text().splitlines()
+         if "train/loss" in x}
+    assert set(a) == set(b)
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4), step
+
+    images = sample_images(load(cut), 5, {"age": 70.0, "sex": -1.0}, seed=0, sampler={"steps": 2})
+    assert images.shape == (5, 32, 32) and np.isfinite(images).all()
+
+
+def test_stage_config_errors_are_clear():
+    with pytest.raises(BrainVAEError, match="not stages of ldm"):
+        RunConfig(model=TINY_LDM, stages={"decoder": {"lr": 1e-3}})
+    with pytest.raises(BrainVAEError, match="share"):
+        RunConfig(model=TINY_LDM, stages={"prior": {"share": 1.5}})
+    with pytest.raises(BrainVAEError, match="cannot set"):
+        RunConfig(model={**TINY_LDM, "autoencoder": {"image_size": 64}})
+    with pytest.raises(BrainVAEError, match="stages"):
+        RunConfig(model={"arch": "vae"}, stages={"prior": {}})
+
+
+def test_sample_options_are_refused_by_models_without_them():
+    model = build("vae", {"image_size": 32, "channels": (8, 16), "latent_dim": 4})
+    with pytest.raises(BrainVAEError, match="guidance"):
+        sample_images(model, 2, None, seed=0, sampler={"guidance": 2.0})
