@@ -28,7 +28,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from brainvae import generate as G
-from brainvae.config import RunConfig, TrainConfig, parse_duration
+from brainvae.config import RunConfig, TrainConfig, load_config, parse_duration, resolve_run_config
 from brainvae.data.dataset import SliceBatches
 from brainvae.data.store import SliceStore
 from brainvae.models.registry import architectures
@@ -92,8 +92,7 @@ def part_archs(store_path: Path, archs: list[str], budget: str, n_test: int, run
     rows = []
     for arch in archs:
         run = runs / f"bench-{arch}"
-        cfg_file = ROOT / "configs" / f"{arch}.toml"  # an architecture or any config name in configs/
-        from brainvae.config import load_config
+        cfg_file = resolve_run_config(arch)  # a shipped config name or a path
 
         base = load_config(RunConfig, cfg_file)
         cfg = RunConfig(model={**base.model, "image_size": store.config.size},
@@ -147,7 +146,7 @@ def part_aekl(store_path: Path, seconds: float, n_test: int, defaults: list[str]
     out = {"seconds_each": seconds, "precision": "bf16"}
     for name in (*defaults, "monai-aekl"):
         torch.manual_seed(0)
-        model = make(name, size)  # configs/<name>.toml, channels-last as the engine trains it
+        model = make(name, size)  # the shipped config <name>, channels-last as the engine trains it
         rate, steps = plain_loop(model, data, seconds, 32, torch.bfloat16)
         model.eval()
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Benchmark training throughput, FLOPs and sampling speed of every architecture. Not a test.
 
-For each shipped configuration (configs/<arch>.toml, at 64 and 128 px): training
+For each shipped configuration (brainvae/configs/<arch>.toml, at 64 and 128 px): training
 img/s as the engine trains (channels-last weights, fused AdamW, autocast; one
 step per batch of random data: throughput does not depend on content), forward
 FLOPs per image (torch.utils.flop_counter), the achieved training FLOP/s (3x
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainvae.config import RunConfig, TrainConfig, load_config
+from brainvae.config import RunConfig, TrainConfig, load_config, shipped_configs
 from brainvae.generate import sample_images
 from brainvae.models.base import Output
 from brainvae.models.registry import architectures, build
@@ -73,15 +73,15 @@ class AEKLAdapter(torch.nn.Module):
 
 
 def make(arch: str, size: int) -> torch.nn.Module:
-    """The shipped configs/<arch>.toml model at ``size`` px, channels-last as the engine trains it.
+    """The shipped config <arch> model at ``size`` px, channels-last as the engine trains it.
 
     AutoencoderKL keeps PyTorch's default layout: channels-last makes its GroupNorms slower
     here (measured bf16 at 128 px: 14.9 vs 20 img/s), and the reference should run at its best.
     """
     if arch == "monai-aekl":
         return AEKLAdapter(size)
-    path = ROOT / "configs" / f"{arch}.toml"
-    values = load_config(RunConfig, path).model if path.exists() else {}
+    path = shipped_configs().get(arch)
+    values = load_config(RunConfig, path).model if path else {}
     values = {k: v for k, v in values.items() if k != "arch"}
     return build(arch, {**values, "image_size": size}).to(memory_format=torch.channels_last)
 

@@ -12,7 +12,7 @@ DATA=../shared/data
 [ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
 
 # Issue 5: every registered architecture, same seed, 6 minutes each, then evaluate (n = 1000).
-$B compare configs/vae.toml configs/ae.toml configs/cevae.toml configs/cvae.toml configs/resvae.toml configs/vqvae.toml \
+$B compare vae ae cevae cvae resvae vqvae \
     --data datasets/ixi-t1-mni --out runs/compare-mni --budget 6m --quiet
 $B utility runs/compare-mni/cvae-s0 --data datasets/ixi-t1-mni --quiet
 
@@ -36,5 +36,5 @@ $B report runs/compare-mni/*-s0 --compare runs/compare-mni --out runs/compare-mn
 # Issue 4, after the speed changes (channels-last, fused AdamW, vqvae patch 4 + 3-layer prior):
 # the same 6-minute compare again (the vqvae row of benchmarks/README.md came from a separate
 # run, runs/compare-mni-s5, after the prior went to 3 layers), and AutoencoderKL vs vae/resvae.
-$B compare configs/vqvae.toml configs/vae.toml configs/resvae.toml --data datasets/ixi-t1-mni --out runs/compare-mni-s3 --budget 6m --quiet
+$B compare vqvae vae resvae --data datasets/ixi-t1-mni --out runs/compare-mni-s3 --budget 6m --quiet
 .venv/bin/python benchmarks/bench_quality.py --data datasets/ixi-t1-axial128 --archs --aekl 4m --default vae resvae

@@ -21,7 +21,7 @@ def test_help_on_every_command():
     for cmd in ([], ["data"], ["data", "describe"], ["data", "simulate"], ["data", "prepare"],
                 ["data", "download"], ["data", "show"], ["train"], ["tune"], ["sample"], ["reconstruct"],
                 ["interpolate"], ["demo"], ["compare"], ["evaluate"], ["utility"], ["anomaly"],
-                ["data", "anomalies"], ["report"], ["quiz", "make"], ["quiz", "score"]):
+                ["data", "anomalies"], ["report"], ["quiz", "make"], ["quiz", "score"], ["configs"]):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, (cmd, result.output)
         assert "Usage" in result.output

@@ -11,6 +11,7 @@ import torch
 from brainvae.config import RunConfig, TrainConfig
 from brainvae.data.dataset import SliceBatches
 from brainvae.errors import BrainVAEError
+from brainvae.export import export_model
 from brainvae.generate import load, sample_images
 from brainvae.models.flow import FlowConfig, FlowPrior
 from brainvae.models.registry import build
@@ -105,6 +106,14 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
 
     images = sample_images(load(cut), 5, {"age": 70.0, "sex": -1.0}, seed=0, sampler={"steps": 2})
     assert images.shape == (5, 32, 32) and np.isfinite(images).all()
+
+    # an exported copy can change the default sampler without touching the weights
+    export_model(cut, tmp_path / "exported", model_overrides={"prior": {"steps": 3, "solver": "euler"}})
+    exported, original = load(tmp_path / "exported"), load(cut)
+    assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0}
+    assert original.sampler_settings()["steps"] == 16
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
+    assert "steps = 3" in (tmp_path / "exported" / "config.toml").read_text()
 
 
 def test_stage_config_errors_are_clear():

@@ -14,13 +14,32 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from .config import PrepareConfig, load_config, replace
+from .config import PrepareConfig, load_config, load_run_config, replace
 from .errors import BrainVAEError
+from .rundir import RunDir
 
+# rich_markup_mode=None: plain help text, so "[model]" and "[train]" are shown (Rich markup would eat them).
 app = typer.Typer(help="Synthetic brain MR slices and anomaly detection with variational autoencoders.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Describe, simulate, download and prepare brain MRI datasets.", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Describe, simulate, download and prepare brain MRI datasets.", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        typer.echo(f"brainvae {metadata.version('brainvae')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    pass
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -127,15 +146,17 @@ def data_prepare(
     size: Annotated[Optional[int], typer.Option(help="Slice size in pixels (default 128).")] = None,
     spacing: Annotated[Optional[float], typer.Option(help="Voxel size in mm (default 192 mm / size).")] = None,
     positions: Annotated[Optional[tuple[float, float]], typer.Option(
-        help="Keep slices within this fraction of the brain's extent, e.g. 0.3 0.8.")] = None,
-    indices: Annotated[Optional[tuple[int, int]], typer.Option(help="Keep slice indices [lo, hi) of the grid.")] = None,
+        metavar="LO HI", help="Keep slices within this fraction of the brain's extent, e.g. 0.3 0.8.")] = None,
+    indices: Annotated[Optional[tuple[int, int]], typer.Option(
+        metavar="LO HI", help="Keep slice indices [LO, HI) of the grid.")] = None,
     min_brain: Annotated[Optional[float], typer.Option(help="Minimum brain fraction of a kept slice.")] = None,
     skull_strip: Annotated[Optional[bool], typer.Option(help="Apply brain masks when given.")] = None,
     n4: Annotated[Optional[bool], typer.Option(help="N4 bias-field correction.")] = None,
     register: Annotated[Optional[bool], typer.Option(help="Affine registration to MNI152.")] = None,
     resolution_mm: Annotated[Optional[float], typer.Option(
         help="Smooth volumes to this effective resolution (mm FWHM) first, to match a coarser dataset.")] = None,
-    split: Annotated[Optional[tuple[float, float, float]], typer.Option(help="train/val/test ratios.")] = None,
+    split: Annotated[Optional[tuple[float, float, float]], typer.Option(
+        metavar="TRAIN VAL TEST", help="Split ratios, e.g. 0.7 0.15 0.15.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Split seed.")] = None,
     demographics: Demographics = None, masks: Masks = None,
     lesions: Annotated[Optional[Path], typer.Option(help="Folder of lesion masks matched by subject.")] = None,
@@ -162,12 +183,58 @@ def data_prepare(
 
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override a config value (repeatable): dotted key, TOML value, e.g. "
+    "--set model.beta=0.5 --set train.lr=3e-4 --set model.channels=[32,64].")]
+
+
+@app.command("configs")
+@user_errors
+def configs_cmd() -> None:
+    """List the shipped run configs, which `train`, `tune` and `compare` accept by name."""
+    from .config import config_description, shipped_configs
+
+    shipped = shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        typer.echo(f"{name:<{width}}  {config_description(path)}")
+
+
+@app.command("models")
+@user_errors
+def models_cmd() -> None:
+    """List the pretrained models shipped in the package (every command that takes a run takes their names)."""
+    from .config import RunConfig, load_config
+    from .rundir import shipped_models
+
+    shipped = shipped_models()
+    if not shipped:
+        typer.echo("no pretrained models are shipped in this installation")
+    for name, path in shipped.items():
+        cfg = load_config(RunConfig, path / "config.toml")
+        typer.echo(f"{name}  {cfg.arch}, {cfg.model_config().image_size} px, conditions: "
+                   f"{', '.join(cfg.model_config().conditions) or 'none'}  (card: {path / 'MODEL_CARD.md'})")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (EMA weights, config, model card).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name in its card (default: the folder's name).")] = None,
+    force: Force = False,
+) -> None:
+    """Package a run's best checkpoint as a self-contained model folder with a generated model card."""
+    from .export import export_model
+
+    typer.echo(f"exported {run} -> {export_model(run, out, name=name, force=force)}")
 
 
 @app.command("train")
 @user_errors
 def train_cmd(
-    config: Annotated[Path, typer.Argument(help="Run config TOML ([model] and [train]); see configs/.")],
+    config: Annotated[str, typer.Argument(help="Shipped config name (`brainvae configs` lists them: vae, ldm...) "
+                                               "or a run config TOML ([model] and [train]).")],
     data: Annotated[Path, typer.Option(help="Slice store from `brainvae data prepare`.")],
     out: Annotated[Path, typer.Option(help="Run folder, e.g. runs/vae.")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")] = False,
@@ -177,13 +244,12 @@ def train_cmd(
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     compile: Annotated[Optional[bool], typer.Option(help="torch.compile the model.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Train one architecture on a slice store (resumable; DDP under torchrun)."""
-    from .config import RunConfig
     from .train.engine import train
 
-    cfg = load_config(RunConfig, config)
+    cfg = load_run_config(config, overrides or ())
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs, precision=precision,
                                      compile=compile, seed=seed))
     summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
@@ -195,7 +261,8 @@ def train_cmd(
 @app.command("tune")
 @user_errors
 def tune_cmd(
-    config: Annotated[Path, typer.Argument(help="Run config TOML with a [tune] search space.")],
+    config: Annotated[str, typer.Argument(help="Shipped config name or run config TOML with a [tune] search "
+                                               "space.")],
     data: Annotated[Path, typer.Option(help="Slice store.")],
     out: Annotated[Path, typer.Option(help="Study folder (trials, study.db, trials.csv, best.toml).")],
     trials: Annotated[int, typer.Option(help="Trials to run in this worker.")] = 10,
@@ -204,13 +271,12 @@ def tune_cmd(
     steps: Annotated[Optional[int], typer.Option(help="Steps per trial.")] = None,
     budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget per trial, e.g. 5m.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per trial.")] = None,
-    seed: int = 0, device: Device = "auto", quiet: Quiet = False,
+    seed: int = 0, overrides: Overrides = None, device: Device = "auto", quiet: Quiet = False,
 ) -> None:
     """Search hyper-parameters with Optuna (TPE sampler, median pruning on validation loss)."""
-    from .config import RunConfig
     from .tune import tune
 
-    cfg = load_config(RunConfig, config)
+    cfg = load_run_config(config, overrides or ())
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs))
     result = tune(cfg, data, out, trials=trials, storage=storage, study_name=study, device=device, seed=seed,
                   progress=not quiet)
@@ -218,8 +284,8 @@ def tune_cmd(
                f"{result['best_value']:.4f} nats/pixel with {result['best_params']} -> {out / 'best.toml'}")
 
 
-Age = Annotated[Optional[float], typer.Option(help="Age in years (conditional models).")]
-Sex = Annotated[Optional[str], typer.Option(help="M or F (conditional models).")]
+Age = Annotated[Optional[float], typer.Option(help="Age in years, 0 to 120 (conditional models).")]
+Sex = Annotated[Optional[str], typer.Option(help="M or F, also male / female (conditional models).")]
 Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Prior integration steps (ldm; default from its config).")]
 Guidance = Annotated[Optional[float], typer.Option(
@@ -230,7 +296,8 @@ Solver = Annotated[Optional[str], typer.Option(help="euler or heun (ldm; default
 @app.command("compare")
 @user_errors
 def compare_cmd(
-    configs: Annotated[list[Path], typer.Argument(help="Run configs to compare (one TOML per architecture).")],
+    configs: Annotated[list[str], typer.Argument(help="Shipped config names or run config TOMLs to compare "
+                                                      "(one per architecture).")],
     data: Annotated[Path, typer.Option(help="Slice store from `brainvae data prepare`.")],
     out: Annotated[Path, typer.Option(help="Comparison folder: one run per config and seed, leaderboard.")] = Path("runs/compare"),
     budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget per run, e.g. 20m.")] = None,
@@ -238,12 +305,20 @@ def compare_cmd(
     seeds: Annotated[int, typer.Option(help="Seeds per config (confidence intervals when > 1).")] = 1,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per evaluation.")] = 1000,
     evaluate: Annotated[bool, typer.Option(help="Evaluate each run (brainvae evaluate).")] = True,
-    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
-    """Train several architectures with the same seed and budget, evaluate each, write a leaderboard."""
+    """Train several architectures with the same seed and budget, evaluate each, write a leaderboard.
+    --set applies to every config; the overridden configs are written to OUT/configs/."""
     from .compare import compare
+    from .config import resolve_run_config, save_config
 
-    board = compare(configs, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
+    paths = [resolve_run_config(c) for c in configs]
+    if overrides:  # compare reads config files: give it the overridden ones, named as the originals
+        cfgs = [load_run_config(p, overrides) for p in paths]  # all validated before anything is written
+        paths = [out / "configs" / p.name for p in paths]
+        for cfg, path in zip(cfgs, paths):
+            save_config(cfg, path)
+    board = compare(paths, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
                     evaluate=evaluate, force=force, progress=not quiet, log=typer.echo)
     typer.echo(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     typer.echo(f"leaderboard -> {out / 'leaderboard.csv'}")
@@ -252,7 +327,7 @@ def compare_cmd(
 @app.command("sample")
 @user_errors
 def sample_cmd(
-    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file).")],
+    run: Annotated[Path, typer.Argument(help="Run folder, checkpoint file or shipped model name (`brainvae models`).")],
     n: Annotated[int, typer.Option("-n", help="Number of slices.")] = 64,
     age: Age = None, sex: Sex = None, position: Position = None, seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
@@ -267,7 +342,7 @@ def sample_cmd(
     cond = G.conditions(model, age, sex, position)
     sampler = {"steps": steps, "guidance": guidance, "solver": solver}
     images = G.sample_images(model, n, cond, seed, sampler=sampler)
-    out = out or Path(run) / "samples"
+    out = out or RunDir.resolve(run).output("samples")
     meta = {"run": str(run), "n": n, "seed": seed, "cond": cond,
             "sampler": {k: v for k, v in sampler.items() if v is not None}}
     G.export(images, out, G.spacing_of(run), meta, force=force)
@@ -293,7 +368,7 @@ def reconstruct_cmd(
 
     model = G.load(run, device=resolve_device(device))
     real, recon = G.reconstruct_split(model, SliceStore(data), split, n, seed)
-    out = out or Path(run) / "reconstructions"
+    out = out or RunDir.resolve(run).output("reconstructions")
     G.export(np.concatenate([real, recon]), out, G.spacing_of(run),
              {"run": str(run), "store": str(data), "split": split, "n": len(real)}, force=force, ncol=len(real))
     typer.echo(f"{len(real)} reconstructions -> {out / 'grid.png'}")
@@ -317,7 +392,7 @@ def interpolate_cmd(
 
     model = G.load(run, device=resolve_device(device))
     strip = G.interpolate(model, SliceStore(data), a, b, steps)
-    out = out or Path(run) / f"interpolation-{a}-{b}"
+    out = out or RunDir.resolve(run).output(f"interpolation-{a}-{b}")
     G.export(strip, out, G.spacing_of(run), {"run": str(run), "a": a, "b": b}, force=force, ncol=steps)
     typer.echo(f"interpolation strip -> {out / 'grid.png'}")
 
@@ -325,7 +400,7 @@ def interpolate_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    run: Annotated[Path, typer.Argument(help="Run folder or shipped model name (`brainvae models`).")],
     data: Annotated[Path, typer.Option(help="Slice store with a test split (the one the run trained on).")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/eval).")] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples, and real slices per set (capped by the test split).")] = 1000,
@@ -343,7 +418,7 @@ def evaluate_cmd(
     from .evaluate.run_eval import evaluate_run
     from .train.engine import resolve_device
 
-    out = out or Path(run) / "eval"
+    out = out or RunDir.resolve(run).output("eval")
     metrics = evaluate_run(run, data, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
                            featnet_steps=featnet_steps, predictor_steps=predictor_steps,
                            device=resolve_device(device),
@@ -387,14 +462,14 @@ def report_cmd(
 
 
 quiz_app = typer.Typer(help="Blinded visual Turing test: readers tell real from synthetic slices.",
-                       no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(quiz_app, name="quiz")
 
 
 @quiz_app.command("make")
 @user_errors
 def quiz_make(
-    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file).")],
+    run: Annotated[Path, typer.Argument(help="Run folder, checkpoint file or shipped model name (`brainvae models`).")],
     data: Annotated[Path, typer.Option(help="Slice store; real images come from its test split.")],
     n: Annotated[int, typer.Option("-n", "--n", help="Images in the quiz (half real, half synthetic).")] = 40,
     seed: int = 0,
@@ -451,7 +526,7 @@ def data_anomalies(
 @app.command("anomaly")
 @user_errors
 def anomaly_cmd(
-    run: Annotated[Path, typer.Argument(help="Run folder trained on healthy slices.")],
+    run: Annotated[Path, typer.Argument(help="Run folder (or shipped model name) trained on healthy slices.")],
     data: Annotated[Path, typer.Option(help="Store with lesion masks (e.g. BraTS, or `brainvae data anomalies`).")],
     val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated validation cases (subjects).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Else: seeded random fraction of cases for validation.")] = 0.3,

@@ -7,11 +7,14 @@ keys so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -255,9 +258,95 @@ def load_config(cls: type[T], path: Path) -> T:
     return from_dict(cls, data, str(path))
 
 
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of the run configs shipped inside the package (``brainvae/configs/NAME.toml``)."""
+    folder = resources.files("brainvae") / "configs"  # a real folder for any pip-installed package
+    return {f.name.removesuffix(".toml"): Path(str(f))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".toml")}
+
+
+def config_description(path: Path) -> str:
+    """The first comment line of a config TOML (its one-line summary), or ''."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            return ""
+    return ""
+
+
+def resolve_run_config(name_or_path: str | Path) -> Path:
+    """An existing TOML path as given, else the shipped config of that name (``vae``, ``ldm``...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = str(name_or_path).removesuffix(".toml")
+    if name in shipped:
+        return shipped[name]
+    raise BrainVAEError(f"{name_or_path}: no such config file, and not a shipped config name "
+                        f"(shipped: {', '.join(shipped)}; `brainvae configs` describes them)")
+
+
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:+-]*|[0-9.]+[smh]")  # unquoted strings --set accepts
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.beta=0.5"`` -> (["model", "beta"], 0.5). The value is read as a TOML value
+    (``[32, 64]``, ``true``, ``"x"``, ``3e-4``); a bare word (``heun``, ``cuda:0``) or a duration (``20m``)
+    is also read as a string."""
+    key, sep, raw = text.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise BrainVAEError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. model.beta=0.5")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not _BARE.fullmatch(raw):
+            raise BrainVAEError(f"--set {text!r}: {raw!r} is not a TOML value (e.g. 0.5, true, [32, 64], \"text\")") from None
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a raw TOML dict with each ``KEY=VALUE`` set (missing tables are created; unknown keys are
+    left for ``from_dict`` to refuse, which names them)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        table = data
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise BrainVAEError(f"--set {text!r}: {'.'.join(parts[:i + 1])} is a value, not a table")
+        old = table.get(parts[-1])
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and not isinstance(value, (int, float)):
+            raise BrainVAEError(f"--set {text!r}: {'.'.join(parts)} must be a number (the config has {old!r})")
+        table[parts[-1]] = value
+    return data
+
+
+def load_run_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a shipped config name or a TOML path, with ``--set KEY=VALUE`` overrides applied."""
+    path = resolve_run_config(name_or_path)
+    if not overrides:
+        return load_config(RunConfig, path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BrainVAEError(f"{path}: not valid TOML ({exc})") from None
+    data, source = apply_overrides(data, overrides), f"{name_or_path} with --set {' '.join(overrides)}"
+    try:
+        return from_dict(RunConfig, data, source)
+    except BrainVAEError as exc:  # errors of nested tables name only the table ([model]): add the overrides
+        raise BrainVAEError(str(exc) if source in str(exc) else f"{source}: {exc}") from None
+
+
 def replace(cfg: T, **changes: Any) -> T:
     """``dataclasses.replace`` that ignores None (unset CLI options)."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
-__all__ = ["PrepareConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field"]
+__all__ = ["PrepareConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field",
+           "shipped_configs", "config_description", "resolve_run_config", "apply_overrides", "load_run_config"]

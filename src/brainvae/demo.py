@@ -29,6 +29,7 @@ from .io.phantom import simulate_cohort
 from .io.scan import find_scans
 from .report.quiz import make_quiz
 from .report.report import write_report
+from .rundir import shipped_models
 from .train.engine import train
 
 DEMO_PREPARE = PrepareConfig(size=64, position_range=(0.2, 0.9), min_brain=0.1)
@@ -36,6 +37,7 @@ DEMO_MODEL = {"arch": "cvae", "image_size": 64, "latent_dim": 64}
 DEMO_TRAIN = TrainConfig(budget="150s", epochs=200, batch_size=32, lr=2e-3, kl_warmup_steps=300)
 DEMO_EVAL_N = 300
 DEMO_UTILITY = UtilityConfig(steps=200, image_size=32)
+PRETRAINED = "ixi-t1-128"  # sampled by the demo when the package ships it (`brainvae models`)
 
 
 def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bool = True) -> None:
@@ -82,6 +84,14 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     anomalies = out / "datasets" / "sim-t1-axial-anomalies"
     anomalies_store(SliceStore(store), anomalies, split="test", force=True)
     evaluate_anomaly(run, anomalies, run / "anomaly", force=True, progress=progress)
+
+    if PRETRAINED in shipped_models():
+        step(f"sample REAL-data slices from the shipped pretrained model {PRETRAINED} (trained on IXI T1)")
+        model = G.load(PRETRAINED)
+        for age, sex in ((30, "F"), (75, "M")):
+            images = G.sample_images(model, 16, G.conditions(model, age, sex, 0.5), seed=0)
+            G.export(images, out / PRETRAINED / f"samples-age{age}-{sex}", G.spacing_of(PRETRAINED),
+                     {"model": PRETRAINED, "age": age, "sex": sex, "position": 0.5}, force=True)
 
     step("blinded real-vs-synthetic quiz and the HTML report")
     make_quiz(run, store, out / "quiz", n=24, force=True)

@@ -22,42 +22,77 @@ from .data.store import SliceStore
 from .errors import BrainVAEError
 from .io.atomic import atomic_dir
 from .io.nifti import save_nifti
+from .rundir import RunDir
 from .train.checkpoint import load_model
 
 SEX_VALUES = {"m": 1.0, "male": 1.0, "f": -1.0, "female": -1.0}
 
 
-def checkpoint_path(run: Path, which: str = "best") -> Path:
-    run = Path(run)
-    if run.is_file():
-        return run
-    path = run / "checkpoints" / f"{which}.safetensors"
-    if not path.exists():
-        raise BrainVAEError(f"{run}: no {which} checkpoint (is this a brainvae run folder?)")
-    return path
+def checkpoint_path(run: str | Path, which: str = "best") -> Path:
+    """The weights file of a run folder, a checkpoint file or a shipped model's name."""
+    return RunDir.resolve(run).checkpoint(which)
 
 
 def load(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of a run folder (or a checkpoint file), with EMA weights, in eval mode."""
-    return load_model(checkpoint_path(Path(run), which), device=device)
+    """The model of a run folder, a checkpoint file or a shipped model (``ixi-t1-128``), with EMA weights, in eval mode."""
+    return load_model(checkpoint_path(run, which), device=device)
 
 
 def parse_sex(sex: str | float | None) -> float | None:
-    if sex is None or isinstance(sex, (int, float)):
+    """M / male / +1 -> +1.0, F / female / -1 -> -1.0 (any case); numbers pass through (see check_conditions)."""
+    if sex is None or not isinstance(sex, str):
         return sex
-    if sex.lower() not in SEX_VALUES:
-        raise BrainVAEError(f"--sex must be M or F, got {sex!r}")
-    return SEX_VALUES[sex.lower()]
+    value = {**SEX_VALUES, "+1": 1.0, "1": 1.0, "-1": -1.0}.get(sex.strip().lower())
+    if value is None:
+        raise BrainVAEError(f"sex must be M or F (also male / female, +1 / -1), got {sex!r}")
+    return value
+
+
+# Valid values per condition in user units (ends included); sex: +1 male, -1 female, 0 unknown.
+CONDITION_RANGES = {"age": (0.0, 120.0), "position": (0.0, 1.0)}
+
+
+def check_conditions(cond: dict | None, allowed: tuple[str, ...], arch: str = "model") -> dict | None:
+    """Validated sampling conditions in user units; keys the model is not conditioned on are refused.
+
+    Values are scalars or (n,) arrays / tensors (sample i gets the i-th; NaN = unknown, allowed only in
+    arrays, which come from data). Age in 0..120 years, position in 0..1, sex "M" / "F" (-> +1 / -1) or
+    +1 / -1 / 0. None values are dropped; returns None when nothing is left."""
+    if cond is None:
+        return None
+    if not isinstance(cond, dict):
+        raise BrainVAEError(f"conditions must be a dict such as {{'age': 70, 'sex': 'F'}}, got {cond!r}")
+    given = {k: v for k, v in cond.items() if v is not None}
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        raise BrainVAEError(f"this {arch} model is not conditioned on {extra} "
+                            f"(its conditions: {list(allowed) or 'none'})")
+    out = {}
+    for key, value in given.items():
+        if key == "sex":
+            value = parse_sex(value)
+        try:
+            arr = value.detach().double().cpu().numpy() if isinstance(value, torch.Tensor) \
+                else np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise BrainVAEError(f"{key} must be a number or an array of numbers, got {value!r}") from None
+        if key == "sex":
+            ok, what = np.isin(arr, (-1.0, 0.0, 1.0)), "M or F (+1 male, -1 female, 0 unknown)"
+        else:
+            lo, hi = CONDITION_RANGES[key]
+            ok, what = (arr >= lo) & (arr <= hi), f"within {lo:g}..{hi:g}" + (" years" if key == "age" else "")
+        ok |= np.isnan(arr) & (arr.ndim > 0)
+        if not ok.all():
+            raise BrainVAEError(f"{key} must be {what}, got {arr[~ok].flat[0].item() if arr.ndim else value!r}")
+        out[key] = float(arr) if arr.ndim == 0 else value
+    return out or None
 
 
 def conditions(model, age: float | None, sex: str | float | None, position: float | None) -> dict | None:
-    """User options -> cond dict; refuses conditions the model was not trained with."""
-    given = {k: v for k, v in (("age", age), ("sex", parse_sex(sex)), ("position", position)) if v is not None}
-    extra = set(given) - set(model.config.conditions)
-    if extra:
-        raise BrainVAEError(f"this {model.arch} model is not conditioned on {sorted(extra)} "
-                            f"(its conditions: {list(model.config.conditions) or 'none'})")
-    return given or None
+    """User options -> validated cond dict (see check_conditions); refuses conditions the model was not
+    trained with."""
+    return check_conditions({"age": age, "sex": sex, "position": position}, tuple(model.config.conditions),
+                            model.arch)
 
 
 @torch.no_grad()
@@ -106,15 +141,15 @@ def save_png(path: Path, image: np.ndarray) -> None:
     mpimg.imsave(path, np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
 
 
-def spacing_of(run: Path) -> float:
+def spacing_of(run: str | Path) -> float:
     """In-plane spacing (mm) of the store the run trained on, rescaled to the model's image size."""
-    prov = json.loads((Path(run) / "provenance.json").read_text()) if (Path(run) / "provenance.json").exists() else {}
-    store_cfg = prov.get("store_config", {})
-    cfg = load_config(RunConfig, Path(run) / "config.toml") if (Path(run) / "config.toml").exists() else None
-    if not store_cfg or cfg is None:
+    rd = RunDir.resolve(run)
+    store_cfg = rd.provenance().get("store_config", {})
+    if not store_cfg or not rd.config_file.exists():
         return 1.0
+    size = load_config(RunConfig, rd.config_file).model_config().image_size
     fov = store_cfg.get("spacing", store_cfg.get("fov_mm", 192.0) / store_cfg.get("size", 128)) * store_cfg.get("size", 128)
-    return fov / cfg.model_config().image_size
+    return fov / size
 
 
 def export(images: np.ndarray, out: Path, spacing: float, meta: dict, *, force: bool = False, ncol: int | None = None) -> Path:

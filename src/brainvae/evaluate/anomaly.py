@@ -39,6 +39,7 @@ from ..data.dataset import SliceBatches
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
+from ..rundir import RunDir
 from .anomaly_metrics import evaluate_score, slice_scores
 from .anomaly_scores import (SCORE_HELP, PostProcess, available_scores, brightness_hyper,
                              brightness_hypo, eroded_mask, is_stochastic, likelihood_kind, model_score_batch,
@@ -160,11 +161,11 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
     from ..report.html import png_bytes
 
     run = Path(run)
-    out = Path(out) if out is not None else run / "anomaly"
+    store = SliceStore(data)
+    require_lesions(store)  # the data first: its error says how to make a store with lesions
+    out = Path(out) if out is not None else RunDir.resolve(run).output("anomaly")
     if out.exists() and not force:
         raise OutputExistsError(out)
-    store = SliceStore(data)
-    require_lesions(store)
     rows = store.indices(split)
     if len(rows) == 0:
         raise BrainVAEError(f"{store.path}: split {split!r} has no slices")

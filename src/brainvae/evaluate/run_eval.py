@@ -40,6 +40,7 @@ from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
 from ..provenance import provenance
+from ..rundir import RunDir
 from . import age_effect as A
 from . import features as Fe
 from . import realism as R
@@ -354,7 +355,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     """
     run = Path(run)
     store = store if isinstance(store, SliceStore) else SliceStore(store)
-    out = Path(out) if out is not None else run / "eval"
+    out = Path(out) if out is not None else RunDir.resolve(run).output("eval")
     if out.exists() and not force:
         raise OutputExistsError(out)
     test_rows, train_rows = store.indices("test"), store.indices("train")
@@ -469,7 +470,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
         "n": m, "n_requested": n, "seed": seed,
         "sampling": ("conditions of the n real test slices (sample i matched to test slice i)" if conds
                      else "the model's prior (unconditional)"),
-        "sampler": getattr(model, "sampler_defaults", {}),  # options given to the prior (ldm), else empty
+        "sampler": model.sampler_settings(),  # the prior's sampling options (ldm: steps, solver, guidance)
         "feature_net": {**{k2: v for k2, v in info.items() if k2 != "final_batch"},
                         "test_position_mae": float(np.mean(np.abs(pos_real - test_cond["position"])))},
         "realism": realism, "c2st": two_sample, "histogram": histogram, "diversity": diversity,

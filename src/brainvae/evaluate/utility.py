@@ -35,6 +35,7 @@ import pandas as pd
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
+from ..rundir import RunDir
 from .classifier import Head, TrainSettings, balanced_accuracy, predict, resize_slices, train_cnn
 from .conditional import condition_rows, sample_rows, sex_classes
 
@@ -298,7 +299,7 @@ def write_utility(run: str | Path, store: str | Path, out: str | Path | None = N
     from ..train.engine import resolve_device
 
     run = Path(run)
-    out = Path(out) if out is not None else run / "utility"
+    out = Path(out) if out is not None else RunDir.resolve(run).output("utility")
     if out.exists() and not force:  # refuse before minutes of work, not after
         raise OutputExistsError(out)
     store = SliceStore(store)

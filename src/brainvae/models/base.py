@@ -244,6 +244,10 @@ class BrainModel(nn.Module):
         self.sampler_defaults = {**getattr(self, "sampler_defaults", {}), **options}
         return self
 
+    def sampler_settings(self) -> dict:
+        """The options ``sample`` uses when given none (empty for models without sampling options)."""
+        return dict(getattr(self, "sampler_defaults", {}))
+
     def check_sample_options(self, options: dict | None) -> dict:
         """The given sampling options without None values; unknown ones are a BrainVAEError."""
         from ..errors import BrainVAEError

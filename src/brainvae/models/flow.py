@@ -46,7 +46,7 @@ class FlowConfig:
     emb_dim: int = 256  # time + condition embedding width
     drop_key: float = 0.1  # training: hide each condition with this probability
     drop_all: float = 0.1  # training: hide all conditions with this probability
-    steps: int = 8  # default sampling steps (heun: 2 network passes each)
+    steps: int = 16  # default sampling steps (heun: 2 network passes each)
     solver: str = "heun"  # default solver
     guidance: float = 1.0  # default classifier-free guidance scale
 

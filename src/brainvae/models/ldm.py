@@ -164,6 +164,10 @@ class LDM(BrainModel):
         z = self.flow.sample(n, self.default_cond(n, cond), generator, self.device, **options)
         return self.decode(self._unstandardise(z))
 
+    def sampler_settings(self) -> dict:
+        cfg = self.flow.cfg
+        return {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance, **super().sampler_settings()}
+
     def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
         """Given conditions broadcast to n; missing ones stay missing (the prior marginalises them)."""
         out = {}

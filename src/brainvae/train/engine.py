@@ -38,6 +38,7 @@ from ..errors import BrainVAEError, OutputExistsError
 from ..hardware import cpu_has_native_bf16
 from ..models.registry import build
 from ..provenance import provenance
+from ..rundir import RunDir
 from .checkpoint import ema_tensors, load_state, load_weights, save_state, save_weights
 
 CHECKPOINT_SECONDS = 300  # also save `last` this often, so a kill loses at most this much
@@ -117,7 +118,8 @@ def _distributed() -> tuple[int, int]:
 
 def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resume: bool, force: bool,
                      rank: int) -> RunConfig:
-    cfg_path = run_dir / "config.toml"
+    rd = RunDir(run_dir)
+    cfg_path = rd.config_file
     if resume:
         if not cfg_path.exists():
             raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
@@ -129,9 +131,9 @@ def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resum
             import shutil
 
             shutil.rmtree(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        rd.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(run_cfg, cfg_path)
-        (run_dir / "provenance.json").write_text(json.dumps(
+        rd.provenance_file.write_text(json.dumps(
             provenance(store=str(store.path), store_config=to_dict(store.config)), indent=2))
     if dist.is_initialized():
         dist.barrier()
@@ -157,7 +159,7 @@ class Run:
 
     @property
     def ckpt(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return RunDir(self.run_dir).checkpoints
 
     def emit(self, record: dict) -> None:
         if self.log is not None:
@@ -187,9 +189,11 @@ def new_counters(stage: int = 0, step: int = 0, elapsed_done: float = 0.0) -> di
             "stage": stage, "stage_start": step, "elapsed_done": elapsed_done, "history": []}
 
 
-def _stage_summary(name: str, st: dict, size: int) -> dict:
-    return {"stage": name, "steps": st["step"] - st["stage_start"], "epochs": st["epoch"],
-            "seconds": round(st["elapsed"], 1), "best_val_loss_per_pixel": st["best_val"] / size ** 2}
+def _stage_summary(name: str, st: dict, size: int, images_per_step: int) -> dict:
+    steps = st["step"] - st["stage_start"]
+    return {"stage": name, "steps": steps, "epochs": st["epoch"], "seconds": round(st["elapsed"], 1),
+            "images": steps * images_per_step, "images_per_second": round(steps * images_per_step / max(st["elapsed"], 1e-9), 1),
+            "best_val_loss_per_pixel": st["best_val"] / size ** 2}
 
 
 def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | None):
@@ -369,7 +373,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
             if index + 1 < len(plan):  # hand over: freeze the EMA weights, prepare the next stage, checkpoint
                 if ema is not None:
                     model.load_state_dict(ema.shadow)
-                history = st["history"] + [_stage_summary(name, st, size)]
+                history = st["history"] + [_stage_summary(name, st, size, cfg.batch_size * world)]
                 st.update(new_counters(index + 1, st["step"], st["elapsed_done"] + st["elapsed"]), history=history)
                 model.set_stage(plan[index + 1][0])
                 model.begin_stage(plan[index + 1][0], run.train_data)
@@ -381,15 +385,16 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
             run.writer.close()
     cfg = plan[-1][1]
     seconds = st["elapsed_done"] + st["elapsed"]
+    stages = st["history"] + [_stage_summary(plan[-1][0], st, size, cfg.batch_size * world)]
     summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(seconds, 1),
-               "images_per_second": round(st["step"] * cfg.batch_size * world / max(seconds, 1e-9), 1),
+               "images_per_second": round(sum(s["images"] for s in stages) / max(seconds, 1e-9), 1),
                "best_val_loss_per_pixel": st["best_val"] / size ** 2, "device": str(dev), "world_size": world,
                "precision": str(autocast_dtype(cfg.precision, dev)).replace("torch.", "")
                if autocast_dtype(cfg.precision, dev) else "fp32"}
     if len(plan) > 1:
-        summary["stages"] = st["history"] + [_stage_summary(plan[-1][0], st, size)]
+        summary["stages"] = stages
     if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
 

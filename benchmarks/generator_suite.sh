@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 12 (the generator) on the real scans in ../shared/data (not a test). Serial on purpose: on
+# 2 cores two jobs at once ruin every timing. Results are copied into benchmarks/results/generator/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/brainvae
+DATA=../shared/data
+
+# The store of the shipped model: IXI T1, N4, affine to MNI152, skull-stripped, 128 px at 1.5 mm.
+[ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+
+# The two-stage model: autoencoder then flow prior, 70 minutes in all (35 each: the shipped share 0.5).
+[ -f runs/ldm-mni/summary.json ] || $B train ldm --data datasets/ixi-t1-mni --out runs/ldm-mni --budget 70m --quiet
+$B evaluate runs/ldm-mni --data datasets/ixi-t1-mni --quiet --force
+
+# Quality and speed against the sampler's steps, solver and guidance.
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-mni --data datasets/ixi-t1-mni --steps 2 4 8 16 --solvers heun euler
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-mni --data datasets/ixi-t1-mni --steps 8 --solvers heun \
+    --guidance 0 1.5 2.5 --out benchmarks/results/sampler_ldm-mni_guidance.json
+
+# The previous best generator in the same session, 20 minutes, with the same evaluation.
+[ -f runs/resvae-mni/summary.json ] || $B train resvae --data datasets/ixi-t1-mni --out runs/resvae-mni --budget 20m \
+    --set train.patience=0 --set train.epochs=1000 --quiet
+$B evaluate runs/resvae-mni --data datasets/ixi-t1-mni --quiet --force

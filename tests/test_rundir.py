@@ -1,0 +1,82 @@
+"""RunDir resolves run folders, checkpoint files and shipped model names; export_model packages a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainvae import rundir
+from brainvae.config import RunConfig, TrainConfig
+from brainvae.errors import BrainVAEError, OutputExistsError
+from brainvae.export import export_model
+from brainvae.generate import load, sample_images
+from brainvae.rundir import RunDir
+from brainvae.train.engine import train
+
+
+@pytest.fixture
+def tiny_run(tiny_store, tmp_path):
+    cfg = RunConfig(model={"arch": "cvae", "image_size": 32, "channels": [8, 16, 16], "latent_dim": 4},
+                    train=TrainConfig(steps=4, batch_size=8, val_batches=1, precision="fp32"))
+    run = tmp_path / "run"
+    train(run, tiny_store, cfg, progress=False)
+    return run
+
+
+def test_resolve_folder_file_and_errors(tiny_run, tmp_path):
+    rd = RunDir.resolve(tiny_run)
+    assert rd.checkpoint("best") == tiny_run / "checkpoints" / "best.safetensors" and not rd.shipped
+    assert rd.output("eval") == tiny_run / "eval"
+    by_file = RunDir.resolve(tiny_run / "checkpoints" / "last.safetensors")
+    assert by_file.path == tiny_run and by_file.checkpoint("best").name == "last.safetensors"
+    with pytest.raises(BrainVAEError, match="no such run folder"):
+        RunDir.resolve(tmp_path / "missing")
+    with pytest.raises(BrainVAEError, match="no best checkpoint"):
+        RunDir.resolve(tmp_path).checkpoint("best")
+
+
+def test_export_then_load_by_shipped_name(tiny_run, tmp_path, monkeypatch):
+    root = tmp_path / "pretrained"
+    export_model(tiny_run, root / "tiny-model")
+    with pytest.raises(OutputExistsError):
+        export_model(tiny_run, root / "tiny-model")
+    files = {p.relative_to(root / "tiny-model").as_posix() for p in (root / "tiny-model").rglob("*") if p.is_file()}
+    assert {"checkpoints/best.safetensors", "config.toml", "provenance.json", "summary.json", "MODEL_CARD.md"} <= files
+    card = (root / "tiny-model" / "MODEL_CARD.md").read_text()
+    assert "# tiny-model" in card and "4 optimiser steps" in card and "Not evaluated" in card
+
+    monkeypatch.setattr(rundir, "pretrained_root", lambda: root)
+    assert list(rundir.shipped_models()) == ["tiny-model"]
+    rd = RunDir.resolve("tiny-model")
+    assert rd.shipped
+    with pytest.raises(BrainVAEError, match="read-only"):
+        rd.output("samples")
+    shipped, original = load("tiny-model"), load(tiny_run)
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in shipped.state_dict().items())  # EMA weights
+    a = sample_images(shipped, 3, {"age": 70.0, "sex": -1.0, "position": 0.5}, seed=0)
+    b = sample_images(original, 3, {"age": 70.0, "sex": -1.0, "position": 0.5}, seed=0)
+    assert a.shape == (3, 32, 32) and (a == b).all()
+    with pytest.raises(BrainVAEError, match="shipped models: tiny-model"):
+        RunDir.resolve("no-such-model")
+
+
+def test_cli_export_models_and_sample_by_name(tiny_run, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from brainvae.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    root = tmp_path / "pretrained"
+    assert invoke("export", tiny_run, "--out", root / "tiny-model").exit_code == 0
+    monkeypatch.setattr(rundir, "pretrained_root", lambda: root)
+    listed = invoke("models")
+    assert listed.exit_code == 0 and "tiny-model  cvae, 32 px, conditions: age, sex, position" in listed.output
+    refused = invoke("sample", "tiny-model", "-n", 2)  # no --out: the package folder is read-only
+    assert refused.exit_code == 1 and "read-only" in refused.output and "Traceback" not in refused.output
+    done = invoke("sample", "tiny-model", "-n", 2, "--age", 70, "--sex", "F", "--out", tmp_path / "s")
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "s" / "slices.npy").exists()
+    wrong = invoke("sample", "tiny-model", "-n", 2, "--guidance", 2, "--out", tmp_path / "s2")
+    assert wrong.exit_code == 1 and "takes no sampling option" in wrong.output
