@@ -13,14 +13,13 @@ limitations. Every number in the card is read from the run's own files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, load_config, save_config
+from .config import RunConfig, load_config, replace, save_config
 from .data.store import SliceStore
 from .errors import BrainVAEError
 from .io.atomic import atomic_dir
@@ -38,10 +37,6 @@ CARD_METRICS = (  # (label, path in eval/metrics.json)
 )
 
 
-def replace_model(cfg: RunConfig, model: dict) -> RunConfig:
-    return dataclasses.replace(cfg, model=model)
-
-
 def _get(d: dict, path: tuple[str, ...]):
     for key in path:
         if not isinstance(d, dict) or key not in d:
@@ -55,7 +50,7 @@ def _fmt(v) -> str:
 
 
 def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | None = None,
-               limitations: tuple[str, ...] = (), store: str | None = None) -> str:
+               limitations: tuple[str, ...] = ()) -> str:
     cfg = load_config(RunConfig, run.config_file)
     prov = run.provenance()
     summary = json.loads(run.summary_file.read_text()) if run.summary_file.exists() else {}
@@ -66,7 +61,7 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
              f"(commit {prov.get('git_commit') or 'unknown'}). Load it with `brainvae.load(\"{name}\")` or "
              f"`brainvae sample {name} -n 64 --out DIR`.", "",
              "## Training data", ""]
-    store = store or prov.get("store")
+    store = prov.get("store")
     if store and Path(store).exists():
         m = SliceStore(store).manifest
         for split in ("train", "val", "test"):
@@ -145,7 +140,7 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
         rebuilt = build(values.pop("arch"), values)
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt.eval()
-        run_cfg = replace_model(run_cfg, _merge(run_cfg.model, model_overrides))
+        run_cfg = replace(run_cfg, model=_merge(run_cfg.model, model_overrides))
     metrics_file = Path(metrics) if metrics is not None else rd.path / "eval" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
     with atomic_dir(out, force=force) as tmp:
@@ -158,7 +153,7 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
                 shutil.copy(f, tmp / f.name)
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "figures"}, indent=1))
-        (tmp / "MODEL_CARD.md").write_text(model_card(name, RunDir(tmp), metrics, data_note, limitations,
-                                                      store=rd.provenance().get("store")))
+        # the card reads the copies just written (config with the overrides, provenance, summary)
+        (tmp / "MODEL_CARD.md").write_text(model_card(name, RunDir(tmp), metrics, data_note, limitations))
     return out
 

@@ -25,7 +25,7 @@ from .io.nifti import save_nifti
 from .rundir import RunDir
 from .train.checkpoint import load_model
 
-SEX_VALUES = {"m": 1.0, "male": 1.0, "f": -1.0, "female": -1.0}
+SEX_VALUES = {"m": 1.0, "male": 1.0, "+1": 1.0, "1": 1.0, "f": -1.0, "female": -1.0, "-1": -1.0}
 
 
 def checkpoint_path(run: str | Path, which: str = "best") -> Path:
@@ -42,7 +42,7 @@ def parse_sex(sex: str | float | None) -> float | None:
     """M / male / +1 -> +1.0, F / female / -1 -> -1.0 (any case); numbers pass through (see check_conditions)."""
     if sex is None or not isinstance(sex, str):
         return sex
-    value = {**SEX_VALUES, "+1": 1.0, "1": 1.0, "-1": -1.0}.get(sex.strip().lower())
+    value = SEX_VALUES.get(sex.strip().lower())
     if value is None:
         raise BrainVAEError(f"sex must be M or F (also male / female, +1 / -1), got {sex!r}")
     return value

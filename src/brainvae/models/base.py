@@ -180,6 +180,7 @@ class BrainModel(nn.Module):
     def __init__(self, config: BaseConfig):
         super().__init__()
         self.config = config
+        self.sampler_defaults: dict = {}  # set by configure_sampler
 
     @property
     def device(self) -> torch.device:
@@ -241,12 +242,12 @@ class BrainModel(nn.Module):
     def configure_sampler(self, **options) -> "BrainModel":
         """Set default options of ``sample`` (those in ``sample_options``; None = keep); returns self."""
         options = self.check_sample_options(options)
-        self.sampler_defaults = {**getattr(self, "sampler_defaults", {}), **options}
+        self.sampler_defaults = {**self.sampler_defaults, **options}
         return self
 
     def sampler_settings(self) -> dict:
         """The options ``sample`` uses when given none (empty for models without sampling options)."""
-        return dict(getattr(self, "sampler_defaults", {}))
+        return dict(self.sampler_defaults)
 
     def check_sample_options(self, options: dict | None) -> dict:
         """The given sampling options without None values; unknown ones are a BrainVAEError."""

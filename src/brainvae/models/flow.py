@@ -188,10 +188,10 @@ class FlowPrior(nn.Module):
             values.append(Conditioning.standardise({key: v}, (key,))[:, 0])  # NaN -> 0
         return torch.cat([torch.stack(values, 1), torch.stack(missing, 1)], 1)
 
-    def _hide(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _hide(self, c: Tensor) -> Tensor:
         """Training-time condition dropout: hide each key with p = drop_key, all keys with p = drop_all."""
         k = len(self.keys)
-        u = torch.rand(len(c), k + 1, device=c.device, generator=generator)
+        u = torch.rand(len(c), k + 1, device=c.device)
         hide = (u[:, :k] < self.cfg.drop_key) | (u[:, k:] < self.cfg.drop_all) | (c[:, k:] > 0)
         return torch.cat([c[:, :k].masked_fill(hide, 0.0), hide.float()], 1)
 

@@ -61,8 +61,7 @@ class LDMConfig(BaseConfig):
 
     def autoencoder_config(self) -> ResVAEConfig:
         values = {**AUTOENCODER_DEFAULTS, **self.autoencoder, "image_size": self.image_size}
-        return from_dict(ResVAEConfig, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
-                         "[model.autoencoder]")
+        return from_dict(ResVAEConfig, values, "[model.autoencoder]")
 
     def prior_config(self) -> FlowConfig:
         return from_dict(FlowConfig, dict(self.prior), "[model.prior]")
@@ -160,7 +159,7 @@ class LDM(BrainModel):
         """n slices (n, 1, H, W); conditions left out are marginalised (see :mod:`brainvae.models.flow`).
         Options not given come from ``configure_sampler``, then from ``[model.prior]``."""
         given = {"steps": steps, "guidance": guidance, "solver": solver}
-        options = {**getattr(self, "sampler_defaults", {}), **{k: v for k, v in given.items() if v is not None}}
+        options = {**self.sampler_defaults, **{k: v for k, v in given.items() if v is not None}}
         z = self.flow.sample(n, self.default_cond(n, cond), generator, self.device, **options)
         return self.decode(self._unstandardise(z))
 

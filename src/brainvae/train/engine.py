@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -384,13 +384,13 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
         if run.writer is not None:
             run.writer.close()
     cfg = plan[-1][1]
+    amp = autocast_dtype(cfg.precision, dev)
     seconds = st["elapsed_done"] + st["elapsed"]
     stages = st["history"] + [_stage_summary(plan[-1][0], st, size, cfg.batch_size * world)]
     summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(seconds, 1),
                "images_per_second": round(sum(s["images"] for s in stages) / max(seconds, 1e-9), 1),
                "best_val_loss_per_pixel": st["best_val"] / size ** 2, "device": str(dev), "world_size": world,
-               "precision": str(autocast_dtype(cfg.precision, dev)).replace("torch.", "")
-               if autocast_dtype(cfg.precision, dev) else "fp32"}
+               "precision": str(amp).replace("torch.", "") if amp else "fp32"}
     if len(plan) > 1:
         summary["stages"] = stages
     if rank == 0:
