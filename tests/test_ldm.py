@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from brainvae.config import RunConfig, TrainConfig
-from brainvae.data.dataset import SliceBatches
 from brainvae.errors import BrainVAEError
 from brainvae.export import export_model
 from brainvae.generate import load, sample_images
 from brainvae.models.flow import FlowConfig, FlowPrior
+from brainvae.models.ldm import LatentBatches
 from brainvae.models.registry import build
 from brainvae.train.engine import train
 
@@ -76,25 +76,24 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
 
     model = load(full, "last")
     assert model.latent_std.min() > 0 and not torch.allclose(model.latent_std, torch.ones(4))
-    # the autoencoder is frozen in the prior stage: the best checkpoint of stage 2 (its first epoch) has the same
-    mid = load(full, "best")
-    assert all(torch.equal(v, mid.autoencoder.state_dict()[k]) for k, v in model.autoencoder.state_dict().items())
-    assert not all(torch.equal(v, mid.flow.state_dict()[k]) for k, v in model.flow.state_dict().items())
+    torch.manual_seed(0)  # the prior trained away from its initial weights (the frozen autoencoder: next test)
+    fresh = build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"})
+    assert not all(torch.equal(v, fresh.flow.state_dict()[k]) for k, v in model.flow.state_dict().items())
 
     cut = tmp_path / "cut"
     calls = {"n": 0}
-    original = SliceBatches.batch
+    original = LatentBatches.batch
 
     def interrupting(self, idx):
         calls["n"] += 1
-        if calls["n"] == 15:  # inside the prior stage (after 6 steps + 5 validation batches + 1 statistics batch)
+        if calls["n"] == 3:  # inside the prior stage, which trains on the encoded slices
             raise KeyboardInterrupt
         return original(self, idx)
 
-    monkeypatch.setattr(SliceBatches, "batch", interrupting)
+    monkeypatch.setattr(LatentBatches, "batch", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(cut, tiny_store, run_cfg(steps=12), progress=False)
-    monkeypatch.setattr(SliceBatches, "batch", original)
+    monkeypatch.setattr(LatentBatches, "batch", original)
     assert torch.load(cut / "checkpoints" / "last.state.pt", weights_only=True)["counters"]["stage"] == 1
     train(cut, tiny_store, run_cfg(steps=12), resume=True, progress=False)
     a = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -114,6 +113,32 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
     assert original.sampler_settings()["steps"] == 16
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
     assert "steps = 3" in (tmp_path / "exported" / "config.toml").read_text()
+
+
+def test_init_from_a_run_trains_only_the_prior_on_its_frozen_autoencoder(tiny_store, tmp_path):
+    first = tmp_path / "first"
+    train(first, tiny_store, run_cfg(steps=8), progress=False)
+    cfg = RunConfig(model=TINY_LDM, train=run_cfg(steps=8).train, stages={"prior": {"share": 0.5}},
+                    init={"from": str(first), "start": "prior"})
+    summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
+    assert summary["stages"][0] == {"stage": "autoencoder", "from": str(first)}
+    assert summary["stages"][1]["stage"] == "prior" and summary["stages"][1]["steps"] == 4
+    assert summary["init"] == {"from": str(first), "start": "prior"}
+    before, after = load(first), load(tmp_path / "second")
+    assert all(torch.equal(v, before.autoencoder.state_dict()[k]) for k, v in after.autoencoder.state_dict().items())
+    assert not all(torch.equal(v, before.flow.state_dict()[k]) for k, v in after.flow.state_dict().items())
+    assert torch.allclose(after.latent_std, before.latent_std)  # the same autoencoder gives the same statistics
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("train/flow" in r for r in rows if "train/loss" in r)
+
+
+def test_init_errors_are_clear():
+    with pytest.raises(BrainVAEError, match="give \\[init\\] from"):
+        RunConfig(model=TINY_LDM, init={"start": "prior"})
+    with pytest.raises(BrainVAEError, match="not a stage of ldm"):
+        RunConfig(model=TINY_LDM, init={"from": "x", "start": "decoder"})
+    with pytest.raises(BrainVAEError, match="takes 'from' and 'start'"):
+        RunConfig(model=TINY_LDM, init={"form": "x"})
 
 
 def test_stage_config_errors_are_clear():

@@ -8,6 +8,7 @@ output is written atomically, leaves nothing half-written.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -244,12 +245,17 @@ def train_cmd(
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     compile: Annotated[Optional[bool], typer.Option(help="torch.compile the model.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", help="Start from this model's weights (run folder, checkpoint or shipped name; same config).")] = None,
+    start_stage: Annotated[Optional[str], typer.Option(
+        help="Begin at this stage, the earlier ones taken from --init (e.g. an ldm's prior).")] = None,
     overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Train one architecture on a slice store (resumable; DDP under torchrun)."""
     from .train.engine import train
 
-    cfg = load_run_config(config, overrides or ())
+    init_overrides = [f"init.{k}={json.dumps(v)}" for k, v in (("from", init), ("start", start_stage)) if v]
+    cfg = load_run_config(config, [*(overrides or ()), *init_overrides])
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs, precision=precision,
                                      compile=compile, seed=seed))
     summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)

@@ -137,13 +137,24 @@ class RunConfig:
     # Two-stage models: ``[stages.NAME]`` overrides [train] for one stage, and ``share`` (0..1) is that stage's
     # part of the run's steps, epochs and budget (default: the stages after the first get 0.5 between them).
     stages: dict = field(default_factory=dict)
+    # Start from another model's weights: ``[init] from`` = a run folder, checkpoint file or shipped model of the
+    # same architecture and config (its EMA weights are loaded before training); ``start`` = the stage to begin
+    # at, the earlier ones taken as they are from ``from`` (e.g. train only an ldm's prior on a finished autoencoder).
+    init: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check("arch" in self.model, "[model] needs an 'arch' key")
         self.model_config()  # validates the architecture and its fields
         from .models.registry import lookup
 
-        self.stage_plan(lookup(self.arch)[0].stages)  # validates [stages]
+        names = lookup(self.arch)[0].stages
+        self.stage_plan(names)  # validates [stages]
+        unknown = sorted(set(self.init) - {"from", "start"})
+        _check(not unknown, f"[init] takes 'from' and 'start', not {unknown}")
+        start = self.init.get("start", names[0])
+        _check(start in names, f"[init] start = {start!r} is not a stage of {self.arch} (its stages: {list(names)})")
+        _check(start == names[0] or self.init.get("from"),
+               f"[init] start = {start!r} skips earlier stages: give [init] from, the model they come from")
 
     @property
     def arch(self) -> str:
@@ -169,6 +180,10 @@ class RunConfig:
         _check(all(0 < v < 1 for v in shares.values()), f"stage shares must be in (0, 1) and leave the first "
                f"stage a part; got {shares}")
         return [(n, self._stage_train(n, shares[n])) for n in names]
+
+    def start_stage(self, names: tuple[str, ...]) -> int:
+        """Index in ``names`` of the stage training begins at (``[init] start``; 0 by default)."""
+        return names.index(self.init.get("start", names[0]))
 
     def _stage_train(self, name: str, share: float) -> TrainConfig:
         base, over = self.train, {k: v for k, v in self.stages.get(name, {}).items() if k != "share"}

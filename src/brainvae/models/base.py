@@ -268,6 +268,11 @@ class BrainModel(nn.Module):
     def begin_stage(self, name: str, data) -> None:
         """Called once when stage ``name`` starts (after the previous one), with the training ``SliceBatches``."""
 
+    def stage_data(self, name: str, data):
+        """The batches stage ``name`` trains and validates on, made from a split's ``SliceBatches`` (called after
+        ``begin_stage``, and again when a run resumes inside the stage): by default the slices themselves."""
+        return data
+
     def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
         """Conditions for sampling: given values broadcast to n; missing ones drawn from a neutral default."""
         cond = dict(cond or {})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +42,37 @@ from .resvae import ResVAE, ResVAEConfig
 AUTOENCODER_DEFAULTS = {"channels": (64, 128), "patch": 2, "enc_blocks": 1, "dec_blocks": 2, "latent_channels": 4,
                         "beta": 0.01, "prior": "standard", "adv_weight": 0.5, "adv_start": 1500, "fm_weight": 1.0}
 _FIXED = ("image_size", "conditions", "prior")  # set by the ldm itself
+
+
+class LatentBatches:
+    """A split's slices encoded once by the frozen autoencoder, for the prior stage (``LDM.stage_data``).
+
+    Holds each slice's posterior mean and std (N, C, s, s) in memory (4 x 32 x 32 x 2 float32 = 32 KiB a slice);
+    ``batch(rows)`` returns a fresh posterior sample z (B, C, s, s) and the conditions, as the prior stage's
+    ``forward`` would have drawn from the images, without running the encoder at every step.
+    """
+
+    def __init__(self, data, encode, batch_size: int = 64):
+        self.source = data  # the SliceBatches (images) behind the latents
+        self.cond, self.device = data.cond, data.device
+        means, stds = [], []
+        for start in range(0, len(data), batch_size):
+            x, _ = data.batch(np.arange(start, min(start + batch_size, len(data))))
+            posterior = encode(x)
+            means.append(posterior.mean.float())
+            stds.append(torch.exp(0.5 * posterior.logvar.float()))
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, s, s) each
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def batch(self, idx) -> tuple[Tensor, dict[str, Tensor]]:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        z = self.mean[idx] + self.std[idx] * torch.randn_like(self.mean[idx])  # (B, C, s, s)
+        return z.to(self.device), {k: v[idx].to(self.device) for k, v in self.cond.items()}
+
+    def epoch_order(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        return self.source.epoch_order(seed, epoch, rank, world)
 
 
 @dataclass(frozen=True)
@@ -104,15 +136,27 @@ class LDM(BrainModel):
             return
         was = self.training
         self.eval()
-        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).numpy()
+        g = torch.Generator().manual_seed(0)  # the same statistics for the same autoencoder and data
+        rows = torch.randperm(len(data), generator=g).numpy()
         zs = []
         for b in range(min(self.config.stats_batches, -(-len(data) // 32))):
             x, _ = data.batch(rows[b * 32:(b + 1) * 32])
-            zs.append(self.autoencoder.encode(x).sample().float())
+            zs.append(self.autoencoder.encode(x).sample(g).float())
         z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N * s * s)
         self.latent_mean.copy_(z.mean(1))
         self.latent_std.copy_(z.std(1).clamp(min=1e-6))
         self.train(was)
+
+    @torch.no_grad()
+    def stage_data(self, name: str, data):
+        """Prior stage: the split encoded once (``LatentBatches``), so a step costs only the velocity network."""
+        if name != "prior":
+            return data
+        was = self.training
+        self.eval()
+        latents = LatentBatches(data, self.autoencoder.encode)
+        self.train(was)
+        return latents
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.stage == "prior":
@@ -147,10 +191,14 @@ class LDM(BrainModel):
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         if self.stage == "autoencoder":
             return self.autoencoder(x, None, kl_scale)
-        with torch.no_grad():
-            posterior = self.autoencoder.encode(x)
-            z = self._standardise(posterior.sample())
-        flow = self.flow.loss(z, cond)  # (B,)
+        posterior = None
+        if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)
+            z = x
+        else:  # images (B, 1, H, W)
+            with torch.no_grad():
+                posterior = self.autoencoder.encode(x)
+                z = posterior.sample()
+        flow = self.flow.loss(self._standardise(z), cond)  # (B,)
         return Output(None, posterior, {"loss": flow, "flow": flow})
 
     @torch.no_grad()

@@ -348,8 +348,8 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     model = build(run_cfg.arch, {k: v for k, v in run_cfg.model.items() if k != "arch"})
     model = model.to(dev, memory_format=torch.channels_last)
     size = model.config.image_size
-    run = Run(run_dir, run_cfg, model, SliceBatches(store, "train", size, dev), SliceBatches(store, "val", size, dev),
-              dev, rank, world, progress, on_validate)
+    slices = SliceBatches(store, "train", size, dev), SliceBatches(store, "val", size, dev)
+    run = Run(run_dir, run_cfg, model, *slices, dev, rank, world, progress, on_validate)
     plan = run_cfg.stage_plan(model.stages)
 
     st, saved = new_counters(), None
@@ -361,6 +361,8 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
         torch.set_rng_state(saved["rng"])
         if dev.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
+    elif run_cfg.init.get("from"):
+        st = _init_from(run_cfg, model, plan, slices[0])
 
     run.writer = _writer(run_dir) if rank == 0 else None
     run.log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
@@ -368,6 +370,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
         for index in range(st["stage"], len(plan)):
             name, cfg = plan[index]
             model.set_stage(name)
+            run.train_data, run.val_data = (model.stage_data(name, data) for data in slices)
             ema = _train_stage(run, name, cfg, st, saved)
             saved = None
             if index + 1 < len(plan):  # hand over: freeze the EMA weights, prepare the next stage, checkpoint
@@ -388,14 +391,30 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     seconds = st["elapsed_done"] + st["elapsed"]
     stages = st["history"] + [_stage_summary(plan[-1][0], st, size, cfg.batch_size * world)]
     summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(seconds, 1),
-               "images_per_second": round(sum(s["images"] for s in stages) / max(seconds, 1e-9), 1),
+               "images_per_second": round(sum(s.get("images", 0) for s in stages) / max(seconds, 1e-9), 1),
                "best_val_loss_per_pixel": st["best_val"] / size ** 2, "device": str(dev), "world_size": world,
                "precision": str(amp).replace("torch.", "") if amp else "fp32"}
     if len(plan) > 1:
         summary["stages"] = stages
+    if run_cfg.init:
+        summary["init"] = dict(run_cfg.init)
     if rank == 0:
         RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches) -> dict:
+    """Load ``[init] from``'s EMA weights into ``model``; counters that begin at ``[init] start``, the skipped
+    stages recorded in the history as taken from there."""
+    source = RunDir.resolve(run_cfg.init["from"])
+    load_weights(source.checkpoint("best"), model, prefer_ema=True)
+    start = run_cfg.start_stage(model.stages)
+    st = new_counters(stage=start)
+    st["history"] = [{"stage": name, "from": str(run_cfg.init["from"])} for name, _ in plan[:start]]
+    if start > 0:
+        model.set_stage(plan[start][0])
+        model.begin_stage(plan[start][0], train_slices)
+    return st
 
 
 def _disc_step(model, opt, params, x, recon, cond, amp, dev, world) -> None:
@@ -447,6 +466,7 @@ def _writer(run_dir: Path):
 def _log_images(writer, model, ema, data: SliceBatches, step: int) -> None:
     """TensorBoard grids: 8 validation slices, their reconstructions, 8 prior samples."""
     model.eval()
+    data = getattr(data, "source", data)  # the slices behind a stage's latents (LatentBatches)
     x, cond = data.batch(np.arange(min(8, len(data))))
     ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
     with ctx:
