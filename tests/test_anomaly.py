@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,14 +12,17 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from brainvae.cli import app
+from brainvae.config import RunConfig, check
 from brainvae.data.store import SliceStore
 from brainvae.data.synthetic_anomalies import KINDS, add_anomaly, anomalies_store, make_anomalies
 from brainvae.errors import BrainVAEError
 from brainvae.evaluate import anomaly_metrics as M
 from brainvae.evaluate import anomaly_scores as S
-from brainvae.evaluate.anomaly import evaluate_anomaly, split_cases
+from brainvae.evaluate.anomaly import AnomalyConfig, evaluate_anomaly, overlay_figure, split_cases
 from brainvae.models import registry
+from brainvae.models import scoring as SC
 from brainvae.models.base import BaseConfig, BrainModel, DiagonalGaussian
+from brainvae.train.checkpoint import save_weights
 
 from conftest import make_store
 
@@ -68,29 +72,26 @@ def test_scores_higher_inside_a_synthetic_lesion(stochastic):
     x[0][lesion[0]] = 0.2
     x[1][lesion[1]] = 0.95
     model = OracleModel(healthy, stochastic).eval()
-    avail = S.available_scores(model)
-    names = [n for n, why in avail.items() if why is None]
+    scores = model.scores()
     if stochastic:
-        assert set(S.MODEL_SCORES) <= set(names)
+        assert list(scores) == [*SC.RECONSTRUCTION_SCORES, *SC.KL_SCORES] and not model.unavailable_scores()
     else:
-        assert avail["kl_combined"] and "deterministic" in avail["kl_additive"]
-        assert "recon_prob" in names
-    maps = S.model_score_batch(model, x, None, names, n_samples=3, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(maps["recon"], healthy.expand_as(x))
-    for name in names:
-        m = maps.get(name, None)
-        if name == "kl_additive":
-            m = maps["_kl_residual"] + maps["_kl_grad"]
-        assert m.shape == x.shape
+        assert list(scores) == list(SC.RECONSTRUCTION_SCORES)
+        assert set(model.unavailable_scores()) == set(SC.KL_SCORES)
+        assert "deterministic" in model.unavailable_scores()["kl_additive"]
+    batch = SC.ScoreBatch(model, x, None, n_samples=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.x_hat, healthy.expand_as(x))
+    for name, score in scores.items():
+        m = score.compute(batch)
+        assert m.shape == (2, max(1, len(score.terms)), 32, 32)
+        m = m.sum(1, keepdim=True)  # an additive score's terms, unscaled
         signed = {"residual_pos": [1], "residual_neg": [0], "residual_neg_smooth": [0]}.get(name, [0, 1])
         for b in signed:  # each sign sees its own lesion
             if name == "residual_neg_smooth":  # smoothing spreads the lesion's edge: compare means and the peak
                 assert m[b][lesion[b]].mean() > 5 * m[b][~lesion[b]].mean() and lesion[b].flatten()[m[b].argmax()]
             else:
                 assert m[b][lesion[b]].min() > m[b][~lesion[b]].max(), (name, b)
-    # the free functions agree with the batch helper
-    assert torch.allclose(S.residual(model, x), maps["residual"])
-    assert torch.allclose(S.residual_pos(model, x) + S.residual_neg(model, x), maps["residual"])
+    assert torch.allclose(SC.residual_pos(batch) + SC.residual_neg(batch), SC.residual(batch))
     # brightness baselines
     brain = torch.from_numpy(disc() > 0)[None, None]
     assert torch.equal(S.brightness_hyper(x), x)
@@ -103,23 +104,18 @@ def test_every_registered_architecture_gets_its_scores():
             "resvae": {"channels": (8, 16, 16), "latent_dim": 16},
             "vqvae": {"channels": (8, 16, 16), "res_blocks": 1, "codebook_size": 32, "code_dim": 8,
                       "prior_layers": 1, "prior_width": 32, "prior_heads": 2}}
-    x = torch.rand(2, 1, 32, 32)
-    cond = {"age": torch.tensor([30.0, 70.0]), "sex": torch.tensor([1.0, -1.0]), "position": torch.tensor([.2, .8])}
     for arch in registry.architectures():
-        torch.manual_seed(0)
         model = registry.build(arch, {"image_size": 32, **tiny.get(arch, {})}).eval()
-        avail = S.available_scores(model)
-        names = [n for n, why in avail.items() if why is None]
-        maps = S.model_score_batch(model, x, cond if model.config.conditions else None, names, n_samples=2)
-        for n in names:
-            m = maps[n] if n != "kl_additive" else maps["_kl_grad"]
-            assert m.shape == x.shape and torch.isfinite(m).all(), (arch, n)
+        scores = model.scores()  # their shapes are checked for every architecture in test_models
         deterministic = arch in ("ae", "vqvae")
-        assert (avail["kl_combined"] is not None) == deterministic, arch
+        assert ("kl_combined" in scores) != deterministic, arch
+        assert ("kl_additive" in model.unavailable_scores()) == deterministic, arch
+        assert set(SC.RECONSTRUCTION_SCORES) <= set(scores), arch
+        assert ("prior_nll" in scores) == (arch == "vqvae"), arch
         if arch == "resvae":
-            assert "learned" in S.likelihood_kind(model)
-        if arch == "vqvae":
-            assert "prior_nll" in names
+            assert model.likelihood() == "learned per-pixel sigma (decode_params)"
+        else:  # the config's sigma (the ldm's config has none: 0.1)
+            assert model.likelihood() == f"fixed sigma = {model.config.sigma if arch != 'ldm' else 0.1:g}", arch
 
 
 def test_postprocessing():
@@ -160,9 +156,9 @@ def test_metric_helpers_hand_computed():
     brain = np.ones_like(score, bool)
     assert M.slice_scores(score, brain).tolist() == [9.0, 0.0]  # top 1 % of 100 px = the maximum
     assert M.slice_scores(score, brain, top=0.05).tolist() == pytest.approx([(9 + 8 + 7 + 6 + 5) / 5, 0.0])
-    ci = M.bootstrap_ci([0.5, 0.5, None, 0.5])
+    ci = M.case_mean_ci([0.5, 0.5, None, 0.5])
     assert ci == {"mean": 0.5, "ci95": [0.5, 0.5], "n": 3}
-    assert M.bootstrap_ci([0.0, 1.0] * 10, seed=1)["ci95"][0] < 0.5 < M.bootstrap_ci([0.0, 1.0] * 10)["ci95"][1]
+    assert M.case_mean_ci([0.0, 1.0] * 10, seed=1)["ci95"][0] < 0.5 < M.case_mean_ci([0.0, 1.0] * 10)["ci95"][1]
 
 
 def _toy_case_data(seed=0, n_cases=6, per_case=5, size=16):
@@ -201,6 +197,17 @@ def test_validation_threshold_never_sees_test_cases():
     assert set(ref["per_case"]) == set(test) and ref["per_case_mean"]["dice"]["n"] == 4
     with pytest.raises(ValueError, match="both"):
         M.evaluate_score(score, lesion, brain, cases, ["C0"], ["C0", "C1"])
+
+
+def test_overlay_has_a_score_colour_bar_and_orientation_letters():
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 16, 16))
+    lesion = np.zeros((3, 16, 16), bool)
+    lesion[:, 4:8, 4:8] = True
+    fig = overlay_figure("S01", images, images, images, lesion, lesion, np.ones((3, 16, 16)), [1, 2, 3], "residual",
+                         axis="axial")
+    assert len(fig.axes) == 4 * 3 + 1  # the panels and one colour bar, for the score row
+    assert {t.get_text() for t in fig.axes[0].texts} == {"A", "P", "R", "L"}
 
 
 def test_split_cases():
@@ -285,9 +292,11 @@ def test_anomaly_command_end_to_end(tmp_path):
     val, test = metrics["cases"]["validation"], metrics["cases"]["test"]
     assert len(val) == 2 and len(test) == 4 and not set(val) & set(test)
     keys = set(metrics["scores"])
-    for n in S.MODEL_SCORES:
+    for n in [*SC.RECONSTRUCTION_SCORES, *SC.KL_SCORES]:
         assert f"model/{n}" in keys and f"baseline/{n}" in keys
     assert {"brightness/hyper", "brightness/hypo"} <= keys
+    assert metrics["scores"]["model/kl_additive"]["term_scales"].keys() == {"residual", "kl_gradient"}
+    assert metrics["scores"]["model/recon_prob"]["samples"] == 2
     for entry in metrics["scores"].values():
         for k in ("pixel_auroc", "pixel_auprc", "threshold", "dice", "best_dice_upper_bound", "slice_auroc"):
             assert k in entry
@@ -306,3 +315,63 @@ def test_anomaly_command_end_to_end(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["cases"]["validation"] == ["S00", "S03"]
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--score", "prior_nll", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "not available" in r.output
+
+
+# -- an architecture registered from outside the package: its own config class and its own score -----
+@dataclass(frozen=True)
+class FlatConfig(BaseConfig):
+    level: float = 0.0  # the intensity the model expects everywhere
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.level <= 1, f"level must be in [0, 1], got {self.level}")
+
+
+class FlatModel(BrainModel):
+    """Reconstructs every image as a flat image at ``level``; offers one more score, the distance from it."""
+
+    stochastic = False
+
+    def __init__(self, config: FlatConfig):
+        super().__init__(config)
+        self.level = torch.nn.Parameter(torch.tensor(config.level))
+
+    def encode(self, x, cond=None):
+        mean = F.avg_pool2d(x, 4)  # (B, 1, H/4, W/4)
+        return DiagonalGaussian(mean, torch.zeros_like(mean))
+
+    def decode(self, z, cond=None):
+        size = self.config.image_size
+        return self.level.expand(len(z), 1, size, size)
+
+    def scores(self):
+        off_level = SC.Score(lambda b: (b.x - b.model.level).abs(), "distance from the expected level")
+        return {**super().scores(), "off_level": off_level}
+
+
+def test_an_architecture_registered_outside_the_package(tmp_path, monkeypatch):
+    registry.architectures()  # the package's own register first, into the dict that is replaced next
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forgets "flat" after the test
+    registry.register("flat", FlatConfig)(FlatModel)
+    assert RunConfig(model={"arch": "flat", "image_size": 32}).model_config() == FlatConfig(image_size=32)
+    with pytest.raises(BrainVAEError, match="level must be in"):
+        RunConfig(model={"arch": "flat", "level": 2.0})
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_weights(run / "checkpoints" / "best.safetensors", registry.build("flat", {"image_size": 32}), None)
+    anomalies_store(make_store(tmp_path / "healthy"), tmp_path / "anom", split=None, fraction=0.6, seed=1)
+    summary = evaluate_anomaly(run, tmp_path / "anom", tmp_path / "out",
+                               AnomalyConfig(primary="off_level", val_fraction=0.34, n_samples=1), progress=False)
+    scores = summary["scores"]
+    assert list(scores) == [*(f"model/{n}" for n in [*SC.RECONSTRUCTION_SCORES, "off_level"]),
+                            "brightness/hyper", "brightness/hypo"]
+    assert set(summary["unavailable"]) == {"model/kl_combined", "model/kl_additive"}
+    mine, bright = scores["model/off_level"], scores["brightness/hyper"]
+    assert mine["description"] == "distance from the expected level" and summary["primary_score"] == "model/off_level"
+    for key in ("pixel_auroc", "pixel_auprc", "threshold", "dice", "slice_auroc"):  # |x - 0| is the intensity
+        assert mine[key] == bright[key], key
+    table = (tmp_path / "out" / "slice_scores.csv").read_text().splitlines()
+    assert "model/off_level" in table[0].split(",")
+    assert sorted(p.name for p in (tmp_path / "out").glob("overlay_*.png")) == \
+        sorted(f"overlay_{c}.png" for c in summary["cases"]["test"])

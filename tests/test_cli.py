@@ -82,7 +82,7 @@ def test_train_sample_reconstruct_interpolate(tiny_store, tmp_path):
     samples = run / "samples"
     assert (samples / "grid.png").exists() and len(list((samples / "png").glob("*.png"))) == 5
     assert np.load(samples / "slices.npy").shape == (5, 32, 32)
-    assert nib.load(samples / "slices.nii.gz").shape == (32, 32, 5)
+    assert nib.load(samples / "slices.nii.gz").shape == (32, 32, 1, 5)  # samples along axis 4
     r = invoke("sample", run, "-n", 5)
     assert r.exit_code == 1 and "already exists" in r.output  # never overwritten without --force
 
@@ -97,7 +97,9 @@ def test_train_sample_reconstruct_interpolate(tiny_store, tmp_path):
     assert r.exit_code == 1 and "is not in" in r.output
 
     r = invoke("train", cfg, "--data", tiny_store, "--out", run, "--resume", "--steps", 5, "--quiet")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1 and "train.steps was 3, now 5" in r.output  # --resume never changes the run
+    r = invoke("train", cfg, "--data", tiny_store, "--out", run, "--resume", "--steps", 3, "--quiet")
+    assert r.exit_code == 0 and "trained cvae: 3 steps" in r.output, r.output
 
     # The design's end-to-end chain continues: evaluate -> report.
     r = invoke("evaluate", run, "--data", tiny_store, "-n", 16, "--featnet-steps", 2, "--predictor-steps", 2, "--quiet")

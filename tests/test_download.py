@@ -27,6 +27,7 @@ class ServerState:
 
     root: Path
     ignore_range: bool = False
+    no_length: bool = False  # send no Content-Length (the body ends when the connection closes)
     cut_after: int | None = None  # close the next response after this many body bytes
     ranges: list[str | None] = field(default_factory=list)
 
@@ -57,7 +58,8 @@ class RangeHandler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if not state.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if state.cut_after is not None:
             body, state.cut_after = body[: state.cut_after], None  # HTTP/1.0: returning closes the socket
@@ -225,12 +227,7 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path, server, payload):
 def test_safe_extract_good_archive(tmp_path):
     members = {**t1_members(), "sub/notes.txt": b"hello"}
     tar = make_tar(tmp_path / "good.tar.gz", members, mode="w:gz")
-    link = tarfile.TarInfo("sub/alias.nii.gz")
-    link.type, link.linkname = tarfile.SYMTYPE, f"../{T1_NAMES[0]}"
-    with tarfile.open(tmp_path / "good.tar", "w") as out, tarfile.open(tar) as src:
-        for member in src.getmembers():
-            out.addfile(member, src.extractfile(member))
-        out.addfile(link)
+    again = make_tar(tmp_path / "again.tar", {"sub/more.txt": b"more"})
 
     dest = tmp_path / "images"
     extracted = safe_extract(tar, dest)
@@ -238,9 +235,21 @@ def test_safe_extract_good_archive(tmp_path):
     assert all((dest / name).read_bytes() == data for name, data in members.items())
 
     # A second archive extracted into the now-existing folder is merged in.
-    assert safe_extract(tmp_path / "good.tar", dest) == [dest / name for name in members]
-    assert (dest / "sub" / "alias.nii.gz").read_bytes() == members[T1_NAMES[0]]
+    assert safe_extract(again, dest) == [dest / "sub" / "more.txt"]
+    assert (dest / "sub" / "notes.txt").read_bytes() == b"hello"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_extracted_files_and_folders_are_readable_by_others(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        dest = tmp_path / "images"
+        safe_extract(make_tar(tmp_path / "t.tar", {"sub/a.txt": b"a"}), dest)
+    finally:
+        os.umask(mask)
+    assert dest.stat().st_mode & 0o777 == 0o755  # mkdtemp made the folder 0700
 
 
 def _symlink(name: str, target: str) -> tarfile.TarInfo:
@@ -266,9 +275,11 @@ def _device(name: str) -> tarfile.TarInfo:
     [
         ("../evil", "path traversal"),
         ("/tmp/evil", "absolute path"),
-        (_symlink("link", "../../outside"), "points outside"),
-        (_symlink("sub/link", "/etc/passwd"), "points outside"),
-        (_hardlink("hard", "../outside"), "points outside"),
+        (_symlink("link", "../../outside"), "symbolic link"),
+        (_symlink("sub/link", "/etc/passwd"), "symbolic link"),
+        (_symlink("alias.nii.gz", T1_NAMES[0]), "symbolic link"),  # even one that stays inside
+        (_hardlink("hard", "../outside"), "hard link"),
+        (_hardlink("hard", T1_NAMES[0]), "hard link"),
         (_device("dev"), "device"),
     ],
 )
@@ -292,6 +303,51 @@ def test_safe_extract_refuses_unsafe_member(tmp_path, bad, problem):
     assert not (tmp_path / "evil").exists()
 
 
+def symlink_chain_tar(path: Path, climb: str) -> Path:
+    """CVE-2025-4517: nested folders with 247-character names, each reached through a one-letter link, so
+    a link's own path stays short while its resolved path grows past PATH_MAX, where Python < 3.11.13's
+    ``filter="data"`` stops checking; a last link then climbs out through the chain, and a file is
+    written through it."""
+    comp, steps, inner = "d" * 247, "abcdefghijklmnop", ""
+    with tarfile.open(path, "w") as tar:
+        for step in steps:
+            folder = tarfile.TarInfo(f"{inner}{comp}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            tar.addfile(_symlink(f"{inner}{step}", comp))
+            inner += comp + "/"
+        deep = "/".join(steps) + "/" + "l" * 254
+        tar.addfile(_symlink(deep, "../" * len(steps)))
+        tar.addfile(_symlink("escape", f"{deep}/{climb}"))  # lexically inside: '<deep>/..' is '<chain>'
+        info = tarfile.TarInfo("escape/evil.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"pwned"))
+    return path
+
+
+def test_symlink_chain_past_path_max_cannot_escape(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    tar = symlink_chain_tar(tmp_path / "chain.tar", "../")
+    with pytest.raises(InputFileError, match="chain.tar: unsafe member '[^']*': symbolic link"):
+        safe_extract(tar, box / "dest")
+    assert list(box.iterdir()) == []  # the old check let evil.txt land in box/, beside the destination
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box", "chain.tar"]
+
+
+def test_link_inside_an_existing_destination_cannot_redirect_members(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "sub").symlink_to(outside)  # made by someone else, or by an older extraction
+    tar = make_tar(tmp_path / "t.tar", {"ok.txt": b"fine", "sub/evil.txt": b"evil"})
+    with pytest.raises(InputFileError, match="t.tar: member 'sub/evil.txt' would be written to .*outside"):
+        safe_extract(tar, dest)
+    assert list(outside.iterdir()) == []
+    assert not (dest / "ok.txt").exists()  # checked before anything was moved
+
+
 @pytest.mark.parametrize(("suffix", "cut"), [(".tar", "half"), (".tar.gz", "half"), (".tar", "garbage")])
 def test_safe_extract_unreadable_archive(tmp_path, suffix, cut):
     tar = make_tar(tmp_path / f"t1{suffix}", t1_members(), mode="w:gz" if suffix == ".tar.gz" else "w")
@@ -300,6 +356,33 @@ def test_safe_extract_unreadable_archive(tmp_path, suffix, cut):
     with pytest.raises(InputFileError, match="not a readable tar archive"):
         safe_extract(tar, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_server_without_content_length_is_refused(tmp_path, server, payload):
+    state, _ = server
+    data, url = payload
+    state.no_length, state.cut_after = True, 5000  # a truncated body looks complete without a length
+    dest = tmp_path / "data.bin"
+    with pytest.raises(InputFileError, match="data.bin: the server sent no size"):
+        download_file(url, dest, progress=False)
+    assert not dest.exists() and not dest.with_name("data.bin.part").exists()
+    # with a size or checksum to check against, the same server is fine
+    state.no_length = False
+    download_file(url, dest, sha256=sha(data), progress=False)
+    assert dest.read_bytes() == data
+
+
+def test_existing_file_that_cannot_be_verified_is_downloaded_again(tmp_path, server, payload):
+    state, _ = server
+    data, url = payload
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(data[:1000])  # cut short under its final name by an older version
+    download_file(url, dest, progress=False)
+    assert dest.read_bytes() == data
+    download_file(url, dest, sha256=sha(data), progress=False)  # verified: kept
+    assert state.ranges == [None]
+    download_file(url, dest, force=True, progress=False)  # force: downloaded again
+    assert state.ranges == [None, None] and dest.read_bytes() == data
 
 
 def test_download_ixi_end_to_end(tmp_path, server):
@@ -332,6 +415,14 @@ def test_download_ixi_end_to_end(tmp_path, server):
     assert not (dest / "IXI-T1" / T1_NAMES[0]).exists()
     download_ixi("T1", dest, base_url=base, force=True, progress=False)
     assert (dest / "IXI-T1" / T1_NAMES[0]).exists()
+    assert len(state.ranges) == requests + 2  # force downloads again
+
+    # A file that no longer matches its record (cut short under its final name) is downloaded again.
+    archive = dest / "IXI-T1.tar"
+    archive.write_bytes(archive.read_bytes()[:1000])
+    download_ixi("T1", dest, base_url=base, progress=False)
+    assert archive.read_bytes() == (state.root / "IXI-T1.tar").read_bytes()
+    assert len(state.ranges) == requests + 3
 
 
 def test_download_ixi_unknown_modality(tmp_path):

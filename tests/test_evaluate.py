@@ -11,12 +11,14 @@ from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
 from brainvae.cli import app
+from brainvae.data.dataset import SliceBatches
+from brainvae.data.resize import read_resized, resize_masks
 from brainvae.data.store import SliceStore
 from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.evaluate import features as Fe
 from brainvae.evaluate import realism as R
 from brainvae.evaluate.reconstruction import PSNR_CAP, ms_ssim, ms_ssim_scales, reconstruction_metrics, ssim_batch, ssim_pairs
-from brainvae.evaluate.run_eval import evaluate_run
+from brainvae.evaluate.run_eval import evaluate_run, load_sets
 
 from conftest import make_store
 
@@ -205,6 +207,23 @@ def test_feature_net_cache_falls_back_to_home_when_store_not_writable(tiny_store
     assert Fe.cache_dir(SliceStore(tiny_store)) == tmp_path / "cache" / "features"
 
 
+# ----------------------------------------------------------------------------- resizing
+
+
+def test_training_and_evaluation_resize_store_slices_alike(tmp_path):
+    store = SliceStore(make_store(tmp_path / "s64", size=64))
+    rows = np.array([9, 2, 30])
+    x, _ = SliceBatches(store, None, 32).batch(rows)  # the model's input: rows in sorted order
+    evaluated = read_resized(store.images, rows, 32)  # evaluation's real slices: rows in the given order
+    assert torch.equal(x[:, 0], torch.from_numpy(evaluated[np.argsort(rows)]))
+    block_means = np.asarray(store.images)[rows].reshape(3, 32, 2, 32, 2).mean((2, 4))  # area averaging
+    np.testing.assert_allclose(evaluated, block_means, atol=1e-6)
+    masks = np.zeros((1, 4, 4), np.uint8)
+    masks[0, 0, :2] = 1  # half of the top-left 2 x 2 block
+    masks[0, 3, 3] = 1  # a quarter of the bottom-right one
+    assert resize_masks(masks, 2)[0].tolist() == [[True, False], [False, False]]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -272,9 +291,20 @@ def test_evaluate_clear_errors(tiny_store, tmp_path):
     no_test = make_store(tmp_path / "no_test", n_subjects=5)  # splits train x4, val: no test subject
     with pytest.raises(BrainVAEError, match="test split has 0 slices"):
         evaluate_run(tmp_path / "empty", no_test, progress=False)
+    with pytest.raises(BrainVAEError, match="test or val split, not 'train'"):
+        evaluate_run(tmp_path / "empty", tiny_store, split="train", progress=False)
     run = train_tiny(tmp_path, tiny_store)
     bad = tmp_path / "bad.pt"
     bad.write_text("not a model")
     r = runner.invoke(app, ["evaluate", str(run), "--data", str(tiny_store), "--extractor", str(bad), "--quiet"])
     assert r.exit_code == 1 and "bad.pt: not a TorchScript model" in r.output and "Traceback" not in r.output
     assert not (run / "eval").exists()
+
+
+def test_evaluation_sets_come_from_the_requested_split(tiny_store):
+    store = SliceStore(tiny_store)
+    for split in ("test", "val"):
+        sets = load_sets(store, split, n=5, seed=0, size=16)
+        assert set(store.manifest["split"].iloc[sets.eval_sel]) == {split}
+        assert set(store.manifest["split"].iloc[sets.train_sel]) == {"train"}
+        assert sets.real.shape == (len(sets.eval_sel), 16, 16) and sets.brain.dtype == bool

@@ -22,7 +22,7 @@ from brainvae.cli import app
 from brainvae.config import (RunConfig, apply_overrides, config_description, load_config, load_run_config,
                              resolve_run_config, shipped_configs)
 from brainvae.errors import BrainVAEError
-from brainvae.generate import check_conditions, parse_sex
+from brainvae.conditions import check_conditions, parse_sex
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -113,17 +113,19 @@ def test_train_by_name_with_overrides_then_sample_with_validated_conditions(tiny
     # Python API: {"sex": "F"} works, and the same checks apply
     model = brainvae.load(run)
     g = torch.Generator().manual_seed(0)
-    female = model.sample(3, {"age": 70, "sex": "F", "position": 0.5}, g)
+    female = model.generate(3, {"age": 70, "sex": "F", "position": 0.5}, g)
     assert female.shape == (3, 1, 32, 32)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(female, model.sample(3, {"age": 70, "sex": -1, "position": 0.5}, g))
+    assert torch.equal(female, model.generate(3, {"age": 70, "sex": -1, "position": 0.5}, g))
     for cond, message in (({"sex": "X"}, "sex must be M or F"), ({"age": 200}, "age must be within"),
                           ({"position": -0.1}, "position must be within"),
                           ({"agee": 70}, r"not conditioned on \['agee'\]"),
                           ({"age": np.array([30.0, 130.0])}, "got 130")):
         with pytest.raises(BrainVAEError, match=message):
-            model.sample(2, cond)
-    # the inference copy that sample_images uses keeps the checks
+            model.generate(2, cond)
+    with pytest.raises(BrainVAEError, match="takes no sampling option"):
+        model.generate(2, {"age": 70, "sex": "F", "position": 0.5}, steps=4)
+    # sample_images (the CLI's path, on an inference copy) samples through generate: the same checks
     from brainvae.generate import sample_images
 
     assert sample_images(model, 2, {"sex": "M", "age": 40, "position": 0.5}, seed=0).shape == (2, 32, 32)

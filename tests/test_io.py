@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +12,8 @@ import pandas as pd
 import pytest
 
 from brainvae.errors import BrainVAEError, InputFileError
-from brainvae.io.ixi import parse_ixi_name, read_demographics
+from brainvae.io.demographics import read_demographics
+from brainvae.io.ixi import parse_ixi_name
 from brainvae.io.nifti import load_mask, load_volume, orientation
 from brainvae.io.scan import find_scans
 
@@ -63,6 +66,31 @@ def test_truncated_plain_gzip_stream(tmp_path):
         load_volume(bad)
 
 
+def flipped_gzip(path, data: np.ndarray):
+    """A .nii.gz whose deflate stream still decodes (stored blocks) but with 64 flipped bytes in the voxel
+    data: only the gzip CRC can tell."""
+    raw = bytearray(gzip.compress(nib.Nifti1Image(data, np.eye(4)).to_bytes(), compresslevel=0))
+    raw[-400:-336] = bytes(b ^ 0xFF for b in raw[-400:-336])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_gzip_crc_is_verified(tmp_path):
+    bad = flipped_gzip(tmp_path / "flipped.nii.gz", np.full((16, 16, 16), 100, np.int16))
+    with pytest.raises(InputFileError, match=r"flipped.nii.gz: truncated or corrupt gzip \(CRC check failed"):
+        load_volume(bad)
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_huge_declared_dimensions_are_refused_before_allocating(tmp_path, name):
+    header = bytearray(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)).to_bytes())
+    header[40:56] = np.array([3, 30000, 30000, 30000, 1, 1, 1, 1], "<i2").tobytes()  # dim[0..7]
+    bad = tmp_path / name
+    bad.write_bytes(gzip.compress(bytes(header)) if name.endswith(".gz") else bytes(header))
+    with pytest.raises(InputFileError, match=f"{name}: the header declares 30000x30000x30000 voxels"):
+        load_volume(bad)
+
+
 def test_mask_checks(tmp_path):
     image, brain = head_phantom((12, 12, 10))
     vol = load_volume(write_nifti(tmp_path / "img.nii.gz", image, psr_affine(image.shape)))
@@ -97,8 +125,45 @@ def test_read_demographics_ixi_columns_and_duplicates(tmp_path):
 def test_read_demographics_missing_columns(tmp_path):
     csv = tmp_path / "d.csv"
     pd.DataFrame({"IXI_ID": [1], "GENDER": ["m"]}).to_csv(csv, index=False)
-    with pytest.raises(InputFileError, match="missing column"):
+    expected = r"expected a subject column \(participant_id, subject, subject_id, id or IXI_ID\), age \(years\) and sex"
+    with pytest.raises(InputFileError, match=r"d.csv: missing column\(s\) age; " + expected):
         read_demographics(csv)
+    pd.DataFrame({"name": ["a"], "years": [30], "sex": ["F"]}).to_csv(csv, index=False)
+    with pytest.raises(InputFileError, match=r"d.csv: missing column\(s\) subject, age; .*found columns "
+                                             r"\['name', 'years', 'sex'\]"):
+        read_demographics(csv)
+
+
+@pytest.mark.parametrize("name, text, sidecar", [
+    ("d.csv", "subject,age,sex\nA,30,M\nB,40,female\nC,n/a,O\n", None),
+    ("d.tsv", "ID\tAge\tGender\nA\t30\tmale\nB\t40\tF\nC\t\t\n", None),
+    ("d.csv", "subject_id,age,Sex (0=F; 1=M)\nA,30,1\nB,40,0\nC,,\n", None),  # coding in the column name
+    ("participants.tsv", "participant_id\tage\tsex\nsub-A\t30\t1\nB\t40\t2\nsub-C\tn/a\tn/a\n",
+     {"sex": {"Levels": {"1": "male", "2": "female"}}}),  # coding in the BIDS sidecar; "sub-" added to B
+])
+def test_read_demographics_codings(tmp_path, name, text, sidecar):
+    (tmp_path / name).write_text(text)
+    if sidecar:
+        (tmp_path / "participants.json").write_text(json.dumps(sidecar))
+    table, problems = read_demographics(tmp_path / name)
+    prefix = "sub-" if name == "participants.tsv" else ""
+    assert list(table.index) == [f"{prefix}{s}" for s in "ABC"]
+    assert list(table["sex"][:2]) == ["M", "F"] and list(table["age"][:2]) == [30.0, 40.0]
+    assert pd.isna(table["sex"].iloc[2]) and np.isnan(table["age"].iloc[2])
+    assert problems == (["d.csv: 1 row(s) with sex 'O' (neither M nor F); sex left unknown"] if "O" in text else [])
+
+
+def test_read_demographics_refuses_undocumented_numeric_sex(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("subject,age,sex\nA,30,1\nB,40,2\n")
+    with pytest.raises(InputFileError, match=r"d.csv: column 'sex' holds numeric codes \(1, 2\) whose meaning is "
+                                             r"not documented; write M / F, or give the coding in the column name"):
+        read_demographics(csv)
+    tsv = tmp_path / "participants.tsv"  # a BIDS sidecar without Levels documents nothing either
+    tsv.write_text("participant_id\tage\tsex\nsub-A\t30\t0\n")
+    (tmp_path / "participants.json").write_text(json.dumps({"sex": {"Description": "sex"}}))
+    with pytest.raises(InputFileError, match=r"participants.tsv: column 'sex' holds numeric codes \(0\)"):
+        read_demographics(tsv)
 
 
 def test_find_scans_ixi(ixi_folder):
@@ -140,16 +205,37 @@ def test_find_scans_brats_and_errors(tmp_path):
 
 
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
-    import os
+    import torch
+    from safetensors.torch import save_file
 
-    from brainvae.io.atomic import atomic_dir, atomic_write_bytes
+    from brainvae.io.atomic import atomic_dir, atomic_path, atomic_write_bytes
 
     mask = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "a.txt", b"x")
         with atomic_dir(tmp_path / "d") as d:
             (d / "f").write_text("y")
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"x": torch.zeros(1)}, str(tmp))  # safetensors writes 0600
     finally:
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_dir_removes_temporary_folders_of_killed_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from brainvae.io.atomic import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.{int(dead.stdout)}.abc123.tmp"  # left by a prepare that was killed
+    stale.mkdir()
+    (stale / "images.npy").write_bytes(b"half")
+    alive = tmp_path / f".out.{os.getpid()}.xyz.tmp"  # a process still writing
+    alive.mkdir()
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "f").write_text("y")
+    assert not stale.exists() and alive.exists()

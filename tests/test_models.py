@@ -8,6 +8,7 @@ from torch import nn
 
 from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.registry import architectures, build, make_config
+from brainvae.models.scoring import ScoreBatch
 from brainvae.train.checkpoint import load_model, load_weights, save_weights
 
 ARCHS = architectures()
@@ -61,8 +62,10 @@ def test_contract_shapes_and_losses(arch):
     s = model.sample(3, {"age": 60.0, "sex": 1.0, "position": 0.5} if model.config.conditions else None,
                      torch.Generator().manual_seed(1))
     assert s.shape == (3, 1, 32, 32) and s.min() >= 0 and s.max() <= 1
-    amap = model.anomaly_map(x, cond)
-    assert amap.shape == x.shape and torch.isfinite(amap).all()
+    scores = ScoreBatch(model, x, cond, n_samples=2, generator=torch.Generator().manual_seed(2))
+    for name, score in model.scores().items():
+        amap = score.compute(scores)  # one map, or an additive score's terms
+        assert amap.shape == (4, max(1, len(score.terms)), 32, 32) and torch.isfinite(amap).all(), name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

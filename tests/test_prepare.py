@@ -125,6 +125,16 @@ def test_prepare_dataset_store_round_trip(ixi_folder, tmp_path):
     assert np.array_equal(SliceStore(out).images, store.images)  # deterministic
 
 
+@pytest.mark.parametrize("where", ["source", "inside the source", "above the source", "masks"])
+def test_prepare_refuses_an_output_that_overlaps_its_inputs(ixi_folder, tmp_path, where):
+    out = {"source": ixi_folder, "inside the source": ixi_folder / "store", "above the source": tmp_path,
+           "masks": ixi_folder / "masks"}[where]
+    before = {p: p.read_bytes() for p in ixi_folder.rglob("*") if p.is_file()}
+    with pytest.raises(BrainVAEError, match=f"{out}: the output"):
+        prepare_dataset(find_scans(ixi_folder), out, TINY, workers=1, force=True, progress=False)
+    assert {p: p.read_bytes() for p in ixi_folder.rglob("*") if p.is_file()} == before
+
+
 def test_prepare_skips_bad_volume_or_fails_strict(ixi_folder, tmp_path):
     bad = ixi_folder / "IXI-T1" / "IXI003-HH-1003-T1.nii.gz"
     bad.write_bytes(bad.read_bytes()[:200])
@@ -135,6 +145,37 @@ def test_prepare_skips_bad_volume_or_fails_strict(ixi_folder, tmp_path):
     with pytest.raises(BrainVAEError, match="IXI003-HH-1003-T1.nii.gz"):
         prepare_dataset(inv, tmp_path / "strict", TINY, workers=1, strict=True, progress=False)
     assert not (tmp_path / "strict").exists()  # nothing half-written
+
+
+def test_implausible_volumes_are_skipped_and_reported(ixi_folder, tmp_path):
+    shape = (24, 24, 20)
+    images = ixi_folder / "IXI-T1"
+    write_nifti(images / "IXI003-HH-1003-T1.nii.gz", np.full(shape, 50.0, np.float32), psr_affine(shape))
+    image, brain = head_phantom(shape, seed=4)
+    write_nifti(images / "IXI004-Guys-1004-T1.nii.gz", image, psr_affine(shape, zoom=400_000.0))  # 400 m voxels
+    write_nifti(ixi_folder / "masks" / "IXI004-Guys-1004-T1_mask.nii.gz", brain, psr_affine(shape, zoom=400_000.0))
+    tiny, _ = head_phantom(shape, seed=5)
+    write_nifti(images / "IXI005-HH-1005-T1.nii.gz", tiny, psr_affine(shape, zoom=0.5))  # a 8 mm 'brain'
+    write_nifti(ixi_folder / "masks" / "IXI005-HH-1005-T1_mask.nii.gz", brain, psr_affine(shape, zoom=0.5))
+
+    out = prepare_dataset(find_scans(ixi_folder), tmp_path / "s", TINY, workers=1, progress=False)
+    problems = (out / "problems.txt").read_text()
+    assert "IXI003-HH-1003-T1.nii.gz: no contrast inside the brain" in problems
+    assert "IXI004-Guys-1004-T1.nii.gz: implausible voxel size 400000 x 400000 x 400000 mm" in problems
+    assert "IXI005-HH-1005-T1.nii.gz: implausible brain extent" in problems
+    assert set(SliceStore(out).manifest.subject) == {"IXI001", "IXI002", "IXI006"}
+
+
+def test_constant_volume_without_mask_is_not_a_full_field_brain(tmp_path):
+    shape = (24, 24, 20)
+    path = write_nifti(tmp_path / "flat.nii.gz", np.full(shape, 7.0, np.float32), psr_affine(shape))
+    with pytest.raises(BrainVAEError, match="flat.nii.gz: no contrast inside the brain"):
+        prepare_volume(Scan("flat", path, "T1", "nifti"), TINY)
+    image, _ = head_phantom(shape)
+    image[image == 0] = 30.0  # a 'head' that fills the whole field of view
+    path = write_nifti(tmp_path / "full.nii.gz", image, psr_affine(shape))
+    with pytest.raises(BrainVAEError, match=r"full.nii.gz: the brain mask covers 9\d % of the volume"):
+        prepare_volume(Scan("full", path, "T1", "nifti"), TINY)
 
 
 def test_empty_mask_is_reported(ixi_folder, tmp_path):
@@ -207,3 +248,52 @@ def test_match_resolution_blurs_fine_voxels_only():
     coarse = sitk.GetImageFromArray(vol)
     coarse.SetSpacing((2.0, 2.0, 2.0))
     assert np.array_equal(sitk.GetArrayFromImage(match_resolution(coarse, 2.0)), vol)  # already that coarse
+
+
+def test_bids_layout_is_prepared_into_a_store(tmp_path):
+    """sub-*/[ses-*/]anat/*_<suffix>.nii.gz with participants.tsv: one scan per subject (its first session), subject
+    ids from the BIDS entities, masks matched by entities; problems.txt lists what the store lacks."""
+    root, shape = tmp_path / "bids", (24, 24, 20)
+    image, brain = head_phantom(shape)
+    for rel in ("sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+                "sub-01/ses-1/anat/sub-01_ses-1_T2w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz",
+                "sub-03/anat/sub-03_run-1_T1w.nii.gz", "sub-04/anat/sub-04_T2w.nii.gz"):
+        write_nifti(root / rel, image, psr_affine(shape))
+    write_nifti(tmp_path / "masks" / "sub-02_desc-brain_mask.nii.gz", brain, psr_affine(shape))
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t25\tM\nsub-02\tn/a\tfemale\n"
+                                           "sub-03\t61\tn/a\n")
+
+    inv = find_scans(root, "T1", masks=tmp_path / "masks")
+    assert inv.dataset == "bids" and inv.demographics == root / "participants.tsv"
+    assert [(s.subject, s.image.name, s.age, s.sex) for s in inv.scans] == [
+        ("sub-01", "sub-01_ses-1_T1w.nii.gz", 25.0, "M"), ("sub-02", "sub-02_T1w.nii.gz", None, "F"),
+        ("sub-03", "sub-03_run-1_T1w.nii.gz", 61.0, None)]
+    assert [s.mask.name if s.mask else None for s in inv.scans] == [None, "sub-02_desc-brain_mask.nii.gz", None]
+    assert [s.subject for s in find_scans(root, "T2").scans] == ["sub-01", "sub-04"]
+
+    out = prepare_dataset(inv, tmp_path / "store", TINY, workers=1, progress=False)
+    m = SliceStore(out).manifest
+    assert set(m.subject) == {"sub-01", "sub-02", "sub-03"} and (m.groupby("subject")["split"].nunique() == 1).all()
+    assert set(m.loc[m.subject == "sub-01", "source"]) == {str(inv.scans[0].image)}
+    problems = (out / "problems.txt").read_text().splitlines()
+    assert "sub-01: 2 T1w images (sessions or runs); using ses-1/anat/sub-01_ses-1_T1w.nii.gz, not " \
+           "ses-2/anat/sub-01_ses-2_T1w.nii.gz" in problems
+    assert "sub-04: no T1w image in anat/" in problems
+    assert "age unknown in participants.tsv: 1 of 3 subjects: sub-02" in problems
+    assert "sex unknown in participants.tsv: 1 of 3 subjects: sub-03" in problems
+    assert any(p.startswith("no skull stripping (no brain mask") and p.endswith("2 of 3 subjects: sub-01, sub-03")
+               for p in problems)
+
+
+def test_prepare_names_the_demographics_file_and_its_expected_columns(ixi_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainvae.cli import app
+
+    bad = tmp_path / "people.csv"
+    bad.write_text("name,years,gender\nIXI001,30,F\n")
+    r = CliRunner().invoke(app, ["data", "prepare", str(ixi_folder), "--out", str(tmp_path / "s"),
+                                 "--demographics", str(bad)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{bad}: missing column(s) subject, age; expected a subject column (participant_id, subject, subject_id, id " \
+           "or IXI_ID), age (years) and sex" in " ".join(r.output.split())

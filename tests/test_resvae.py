@@ -12,6 +12,7 @@ import brainvae.models.resvae  # noqa: F401  (registers "resvae" even while the 
 from brainvae.errors import BrainVAEError
 from brainvae.models.registry import build, make_config
 from brainvae.models.resvae import ResVAE, ResVAEConfig
+from brainvae.models.scoring import ScoreBatch
 
 COND = ("age", "sex", "position")
 
@@ -47,8 +48,9 @@ def test_shapes_and_per_sample_losses(extra):
     assert (log_sigma >= math.log(model.config.sigma_min) - 1e-6).all()
     model.eval()
     assert model.reconstruct(x, cond).shape == x.shape
-    amap = model.anomaly_map(x, cond)
-    assert amap.shape == x.shape and torch.isfinite(amap).all()
+    scores = ScoreBatch(model, x, cond)
+    assert torch.equal(model.scores()["residual"].compute(scores), (x - model.reconstruct(x, cond)).abs())
+    assert model.likelihood() == "learned per-pixel sigma (decode_params)"
 
 
 def test_sigma_starts_at_sigma_init_and_kl_scale_and_beta_weight_the_kl():

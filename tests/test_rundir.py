@@ -80,3 +80,17 @@ def test_cli_export_models_and_sample_by_name(tiny_run, tmp_path, monkeypatch):
     assert (tmp_path / "s" / "slices.npy").exists()
     wrong = invoke("sample", "tiny-model", "-n", 2, "--guidance", 2, "--out", tmp_path / "s2")
     assert wrong.exit_code == 1 and "takes no sampling option" in wrong.output
+
+
+def test_output_paths_of_a_run_folder(tmp_path):
+    for folder in ("samples-age30-F", "samples", "reconstructions", "interpolation-1-2", "samples-empty", "quiz"):
+        (tmp_path / folder).mkdir()
+    for folder in ("samples-age30-F", "samples", "reconstructions", "interpolation-1-2"):
+        (tmp_path / folder / "grid.png").write_bytes(b"")
+    (tmp_path / "quiz" / "ann.score.json").write_text("{}")
+    rd = RunDir(tmp_path)
+    assert [d.name for d in rd.grid_dirs] == ["samples", "samples-age30-F", "reconstructions", "interpolation-1-2"]
+    assert rd.quiz_scores == [tmp_path / "quiz" / "ann.score.json"]
+    assert (rd.metrics_log, rd.eval_dir, rd.anomaly_dir, rd.utility_dir) == (
+        tmp_path / "metrics.jsonl", tmp_path / "eval", tmp_path / "anomaly", tmp_path / "utility")
+    assert rd.last_checkpoint == tmp_path / "checkpoints" / "last.safetensors"

@@ -14,9 +14,11 @@ import torch
 
 from brainvae.config import RunConfig, TrainConfig, save_config
 from brainvae.data.dataset import SliceBatches
-from brainvae.errors import BrainVAEError, OutputExistsError
+from brainvae.errors import BrainVAEError, InputFileError, OutputExistsError
 from brainvae.generate import load
 from brainvae.train.engine import lr_factor, train
+
+from conftest import make_store
 
 TINY_MODEL = {"arch": "vae", "image_size": 32, "channels": [8, 16, 16], "latent_dim": 8}
 
@@ -63,7 +65,7 @@ def test_resume_after_interrupt_follows_the_uninterrupted_run(tiny_store, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(cut, tiny_store, run_cfg(epochs=3), progress=False)
     monkeypatch.setattr(SliceBatches, "batch", original)
-    train(cut, tiny_store, run_cfg(epochs=99), resume=True, progress=False)  # the run's own config wins
+    train(cut, tiny_store, run_cfg(epochs=3), resume=True, progress=False)
 
     a, b = train_losses(full), train_losses(cut)
     assert set(a) == set(b) and len(a) > 5
@@ -94,6 +96,137 @@ def test_lr_schedule():
 def test_resume_without_run_is_an_error(tiny_store, tmp_path):
     with pytest.raises(BrainVAEError, match="nothing to resume"):
         train(tmp_path / "none", tiny_store, run_cfg(steps=2), resume=True, progress=False)
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing in the engine catches it, so no checkpoint is saved on the way out."""
+
+
+def kill_at_batch(monkeypatch, n: int) -> None:
+    calls = {"n": 0}
+    original = SliceBatches.batch
+
+    def batch(self, idx):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Killed
+        return original(self, idx)
+
+    monkeypatch.setattr(SliceBatches, "batch", batch)
+
+
+def test_resume_after_a_kill_logs_each_step_once(tiny_store, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(full, tiny_store, run_cfg(epochs=3), progress=False)
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        kill_at_batch(m, 9)  # epoch 1 (4 steps + 2 validation/image batches) is saved; killed inside epoch 2
+        with pytest.raises(Killed):
+            train(cut, tiny_store, run_cfg(epochs=3), progress=False)
+    assert max(train_losses(cut)) > 4  # steps after the step-4 checkpoint were logged before the kill
+    train(cut, tiny_store, run_cfg(epochs=3), resume=True, progress=False)
+
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice
+    assert train_losses(cut) == pytest.approx(train_losses(full), rel=1e-5)
+
+
+def test_kill_between_weights_and_state_is_refused_on_resume(tiny_store, tmp_path, monkeypatch):
+    import brainvae.train.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    replaced = {"n": 0}
+    original = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("last.state.pt"):
+            replaced["n"] += 1
+            if replaced["n"] == 2:  # the second epoch's state: its weights are already in place
+                raise Killed
+        return original(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.os, "replace", replace)
+        with pytest.raises(Killed):
+            train(run, tiny_store, run_cfg(epochs=3), progress=False)
+    with pytest.raises(InputFileError, match=r"last.state.pt: training state of step 4 .* holds step 8"):
+        train(run, tiny_store, run_cfg(epochs=3), resume=True, progress=False)
+
+
+def test_resume_refuses_other_options_and_another_store(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    train(run, tiny_store, run_cfg(steps=4), progress=False)
+    with pytest.raises(BrainVAEError, match="--resume continues a run exactly as it was started, but "
+                                            "train.steps was 4, now 8"):
+        train(run, tiny_store, run_cfg(steps=8), resume=True, progress=False)
+    other = make_store(tmp_path / "other", seed=1)
+    with pytest.raises(BrainVAEError, match="other: not the store .*run was trained on"):
+        train(run, other, run_cfg(steps=4), resume=True, progress=False)
+    moved = tiny_store.rename(tmp_path / "moved")  # the same store elsewhere is still the same store
+    assert train(run, moved, run_cfg(steps=4), resume=True, progress=False)["steps"] == 4
+
+
+def test_force_checks_everything_before_replacing_the_old_run(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    train(run, tiny_store, run_cfg(steps=2), progress=False)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    bad_init = RunConfig(model=TINY_MODEL, train=run_cfg(steps=2).train, init={"from": str(tmp_path / "nowhere")})
+    for args in [(tmp_path / "no-store", run_cfg(steps=2)), (tiny_store, bad_init)]:
+        with pytest.raises(BrainVAEError):
+            train(run, *args, force=True, progress=False)
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    with pytest.raises(BrainVAEError, match="the output folder holds the input"):
+        train(tmp_path, tiny_store, run_cfg(steps=2), force=True, progress=False)  # would delete the store
+    with pytest.raises(BrainVAEError, match="the output is the input"):
+        train(tiny_store, tiny_store, run_cfg(steps=2), force=True, progress=False)
+    init_self = RunConfig(model=TINY_MODEL, train=run_cfg(steps=2).train, init={"from": str(run)})
+    with pytest.raises(BrainVAEError, match="the output is the input"):
+        train(run, tiny_store, init_self, force=True, progress=False)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert train(run, tiny_store, run_cfg(steps=3), force=True, progress=False)["steps"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failed_new_run_leaves_nothing_that_blocks_the_rerun(tiny_store, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    failing = {"n": 0}
+    original = SliceBatches.batch
+
+    def batch(self, idx):
+        if failing["n"]:
+            raise BrainVAEError("bad batch")
+        return original(self, idx)
+
+    monkeypatch.setattr(SliceBatches, "batch", batch)
+    failing["n"] = 1
+    with pytest.raises(BrainVAEError, match="bad batch"):
+        train(run, tiny_store, run_cfg(steps=2), progress=False)
+    assert not run.exists()
+    failing["n"] = 0
+    assert train(run, tiny_store, run_cfg(steps=2), progress=False)["steps"] == 2
+
+    # --force over that run, failing before its first checkpoint: the old run is put back as it was
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    failing["n"] = 1
+    with pytest.raises(BrainVAEError, match="bad batch"):
+        train(run, tiny_store, run_cfg(steps=3), force=True, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "store"]
+    failing["n"] = 0
+    assert train(run, tiny_store, run_cfg(steps=3), force=True, progress=False)["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "store"]  # the old run is gone now
+
+
+def test_checkpoints_are_readable_by_others(tiny_store, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        train(tmp_path / "run", tiny_store, run_cfg(steps=2), progress=False)
+    finally:
+        os.umask(mask)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
 
 
 ADVERSARIAL_MODEL = {"arch": "resvae", "image_size": 32, "channels": [8, 16, 16], "latent_channels": 2,

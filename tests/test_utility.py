@@ -10,10 +10,11 @@ from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
 from brainvae.cli import app
+from brainvae.data.resize import read_resized
 from brainvae.data.store import SliceStore
 from brainvae.errors import BrainVAEError
 from brainvae.evaluate import conditional as C
-from brainvae.evaluate.classifier import Head, TrainSettings, predict, resize_slices, train_cnn
+from brainvae.evaluate.classifier import Head, TrainSettings, predict, train_cnn
 from brainvae.evaluate.utility import (UtilityConfig, age_band_classes, age_band_names, balanced_accuracy,
                                        parse_ratios, subject_bootstrap_ci)
 from brainvae.models.registry import build
@@ -99,7 +100,7 @@ def test_classifier_learns_age_from_disc_radius(disc_store):
     store = SliceStore(disc_store)
     m = store.manifest
     tr, te = store.indices("train"), store.indices("test")
-    x_tr, x_te = resize_slices(store.images, tr, 32), resize_slices(store.images, te, 32)
+    x_tr, x_te = read_resized(store.images, tr, 32), read_resized(store.images, te, 32)
     assert x_tr.shape == (len(tr), 32, 32) and x_tr.dtype == np.float32
     bands = age_band_classes(m["age"].to_numpy(), (40, 60))
     heads = (Head("age"), Head("band", 3))
@@ -115,6 +116,24 @@ def test_classifier_learns_age_from_disc_radius(disc_store):
     np.testing.assert_allclose(predict(again, x_te)["age"], pred["age"], rtol=1e-5)
 
 
+def test_ceiling_tests_count_subjects_not_slices():
+    rng = np.random.default_rng(0)
+
+    def tests(n_subjects, per_subject=10):
+        subjects = np.repeat(np.arange(n_subjects), per_subject)
+        age = np.repeat(rng.uniform(20, 80, n_subjects), per_subject)
+        sex = np.repeat(np.arange(n_subjects) % 2, per_subject)
+        probs = np.eye(2)[sex] * 0.8 + 0.1  # every slice read right
+        pred = {"age": age + rng.normal(0, 5, len(age)), "sex": probs}
+        return C.ceiling_tests(pred, {"age": age, "sex": sex}, subjects)
+
+    few, many = tests(3), tests(12)
+    assert few["sex_accuracy"]["subject_value"] == 1.0 and few["sex_accuracy"]["p"] == 0.125  # 3 of 3: 1 / 8
+    assert not few["sex_accuracy"]["above_chance"]
+    assert many["sex_accuracy"]["above_chance"] and many["age_r"]["above_chance"] and many["age_r"]["n_subjects"] == 12
+    assert not tests(2)["age_r"]["above_chance"]  # a correlation over 2 subjects says nothing
+
+
 def _cvae(conditions=("age", "sex", "position")):
     return build("cvae", {"image_size": 32, "channels": [8, 16], "latent_dim": 8, "conditions": list(conditions)}).eval()
 
@@ -126,6 +145,12 @@ def test_conditional_fidelity_ceiling_and_predictor_cache(disc_store, monkeypatc
     assert result["real"]["age_r"] > 0 and result["real"]["n_subjects"] == 3
     assert result["samples"]["n_slices"] == 12 and "age_mae" in result["samples"]
     assert set(result["ratio"]) == {"age_r", "sex_accuracy"} and result["goal"] == 0.9
+    # 3 test subjects: a sex accuracy cannot be significantly above chance (3 of 3 right: p = 1/8), so no verdict
+    tests = result["ceiling_test"]
+    assert tests["sex_accuracy"]["n_subjects"] == 3 and not tests["sex_accuracy"]["above_chance"]
+    assert result["meets_goal"]["sex_accuracy"] is None
+    assert "not significantly above chance over 3 test subjects" in result["not_measurable"]["sex_accuracy"]
+    assert (result["meets_goal"]["age_r"] is None) == (not tests["age_r"]["above_chance"])
     assert result["predictor"]["cached"] is False
     path = disc_store / "features" / C.predictor_name(SliceStore(disc_store), cfg)
     assert path.exists()

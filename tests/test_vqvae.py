@@ -8,6 +8,7 @@ import torch
 import brainvae.models.vqvae as vq  # registers "vqvae" even before the registry imports it
 from brainvae.errors import BrainVAEError
 from brainvae.models import registry
+from brainvae.models.scoring import ScoreBatch
 
 TINY = {"image_size": 32, "channels": (8, 16, 16), "res_blocks": 1, "codebook_size": 32, "code_dim": 8,
         "prior_layers": 2, "prior_width": 32, "prior_heads": 2}
@@ -60,9 +61,9 @@ def test_shapes_and_per_sample_losses():
     assert torch.equal(post.kl(), torch.zeros(4))
     model.eval()
     assert model.reconstruct(x, cond).shape == x.shape
-    assert model.anomaly_map(x, cond).shape == x.shape
     nll = model.prior_nll_map(x, cond)
     assert nll.shape == x.shape and torch.isfinite(nll).all() and nll.min() >= 0
+    assert torch.equal(model.scores()["prior_nll"].compute(ScoreBatch(model, x, cond)), nll)
 
 
 def test_kl_scale_is_ignored():

@@ -1,7 +1,10 @@
 """brainvae: synthetic brain MR slices and anomaly detection with VAEs."""
 
-import types
 from importlib import metadata
+
+# The registry hands config.py the architectures RunConfig validates against (config.py imports no model);
+# the registry module itself is light (no torch): the model modules load on first lookup.
+from .models import registry as _registry  # noqa: F401
 
 try:
     __version__ = metadata.version("brainvae")
@@ -10,22 +13,9 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 
 
 def load(run, which: str = "best", device: str = "cpu"):
-    """The trained model of a run folder, checkpoint file or shipped model name:
-    ``brainvae.load("runs/cvae").sample(8, {"age": 70, "sex": "F"})``.
-
-    Its ``sample(n, cond, generator)`` checks ``cond`` first (``brainvae.generate.check_conditions``): sex as
-    "M" / "F" (or +1 / -1), age in 0..120 years, position in 0..1, and no key the model is not conditioned
-    on. Returns (n, 1, H, W) in [0, 1]."""
+    """The trained model of a run folder, checkpoint file or shipped model name, with EMA weights, in eval mode:
+    ``brainvae.load("runs/cvae").generate(8, {"age": 70, "sex": "F"})`` (``BrainModel.generate`` checks the
+    conditions) returns (8, 1, H, W) in [0, 1]."""
     from .generate import load as _load
 
-    model = _load(run, which, device)
-    # Per instance, as a bound method, so copies (for_inference's deepcopy) rebind it to themselves.
-    model.sample = types.MethodType(_checked_sample, model)
-    return model
-
-
-def _checked_sample(self, n: int, cond: dict | None = None, generator=None, **options):
-    from .generate import check_conditions
-
-    cond = check_conditions(cond, tuple(self.config.conditions), self.arch)
-    return type(self).sample(self, n, cond, generator, **options)
+    return _load(run, which, device)

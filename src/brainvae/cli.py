@@ -17,6 +17,7 @@ import typer
 
 from .config import PrepareConfig, load_config, load_run_config, replace
 from .errors import BrainVAEError
+from .io.atomic import refuse_overlap
 from .rundir import RunDir
 
 # rich_markup_mode=None: plain help text, so "[model]" and "[train]" are shown (Rich markup would eat them).
@@ -43,6 +44,15 @@ def _main_options(
     pass
 
 
+def checked_store(run: Path, data: Path, resize: bool):
+    """The store ``data``, refused when its slices differ in size from the run's without ``--resize``."""
+    from .data.store import SliceStore
+
+    store = SliceStore(data)
+    RunDir.resolve(run).check_size(store, resize=resize)
+    return store
+
+
 def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -60,9 +70,17 @@ def user_errors(fn: Callable) -> Callable:
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Workers = Annotated[Optional[int], typer.Option(help="Parallel processes (default: all cores).")]
 Modality = Annotated[str, typer.Option(help="Modality to read: T1, T2, PD (IXI) or t1, t1ce, t2, flair (BraTS).")]
-Demographics = Annotated[Optional[Path], typer.Option(help="IXI.xls or CSV (default: found beside the images).")]
+Demographics = Annotated[Optional[Path], typer.Option(
+    help="IXI.xls, CSV or TSV with columns subject (or participant_id, subject_id, id, IXI_ID), age and sex "
+         "(M/F or male/female; numeric codes only as 'sex (1=M, 2=F)'). Default: IXI.xls or demographics.csv "
+         "beside the images, a BIDS dataset's participants.tsv.")]
 Masks = Annotated[Optional[Path], typer.Option(help="Folder of brain masks matched by subject (label > 0 = brain).")]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars (the start line and summary remain).")]
+LogFile = Annotated[Optional[Path], typer.Option(
+    help="Also append the start line, progress lines (plain, every 30 s; even with --quiet) and summary here.")]
+Resize = Annotated[bool, typer.Option(
+    "--resize", help="Accept a store whose slices differ in size from those the run trained on (they are "
+                     "resampled to the model's size).")]
 
 
 @data_app.command("describe")
@@ -139,7 +157,7 @@ def data_download(
 @data_app.command("prepare")
 @user_errors
 def data_prepare(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (IXI, BraTS or any NIfTI folder) or IXI .tar.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder (BIDS, IXI, BraTS or any NIfTI folder) or IXI .tar.")],
     out: Annotated[Path, typer.Option(help="Store folder, e.g. datasets/ixi-t1-axial.")],
     config: Annotated[Optional[Path], typer.Option(help="PrepareConfig TOML; options below override it.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Modality (default T1).")] = None,
@@ -162,25 +180,32 @@ def data_prepare(
     demographics: Demographics = None, masks: Masks = None,
     lesions: Annotated[Optional[Path], typer.Option(help="Folder of lesion masks matched by subject.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first bad volume instead of skipping it.")] = False,
-    workers: Workers = None, force: Force = False, quiet: Quiet = False,
+    workers: Workers = None, force: Force = False, quiet: Quiet = False, log_file: LogFile = None,
 ) -> None:
-    """Turn 3-D volumes into a store of normalised 2-D slices with a subject-level split."""
-    from .data.prepare import prepare_dataset
+    """Turn 3-D volumes into a store of normalised 2-D slices with a subject-level split.
+    BIDS: sub-*/[ses-*/]anat/*_T1w.nii.gz (--modality T2 reads *_T2w), one scan per subject, participants.tsv."""
+    from .data.prepare import cohort_notes, prepare_dataset
     from .data.store import SliceStore
     from .io.scan import find_scans
+    from .progress import log_to, say
 
+    refuse_overlap(out, [data, config, demographics, masks, lesions])  # before an archive is unpacked
     cfg = load_config(PrepareConfig, config) if config else PrepareConfig()
     cfg = replace(cfg, modality=modality, axis=axis, size=size, spacing=spacing, position_range=positions,
                   index_range=indices, min_brain=min_brain, skull_strip=skull_strip, n4=n4, register=register,
                   resolution_mm=resolution_mm, split_ratios=split, seed=seed)
-    inventory = find_scans(data, cfg.modality, demographics=demographics, masks=masks, lesions=lesions)
-    path = prepare_dataset(inventory, out, cfg, workers=workers, strict=strict, force=force, progress=not quiet)
-    store = SliceStore(path)
-    counts = store.manifest.groupby("split")["subject"].nunique().to_dict()
-    typer.echo(f"prepared {len(store)} slices from {len(store.subjects)} volumes "
-               f"(subjects per split: {counts}) -> {path}")
-    if (path / "problems.txt").stat().st_size:
-        typer.echo(f"problems are listed in {path / 'problems.txt'}")
+    with log_to(log_file, out):
+        inventory = find_scans(data, cfg.modality, demographics=demographics, masks=masks, lesions=lesions)
+        say(f"prepare {len(inventory.scans)} {inventory.dataset} volumes of {data} ({cfg.modality}, {cfg.axis}, "
+            f"{cfg.size} px) -> {out}", err=True)
+        for note in cohort_notes(inventory, cfg, limit=10):
+            say(f"note: {note}", err=True)
+        path = prepare_dataset(inventory, out, cfg, workers=workers, strict=strict, force=force, progress=not quiet)
+        store = SliceStore(path)
+        counts = store.manifest.groupby("split")["subject"].nunique().to_dict()
+        say(f"prepared {len(store)} slices from {len(store.subjects)} volumes (subjects per split: {counts}) -> {path}")
+        if (path / "problems.txt").stat().st_size:
+            say(f"problems are listed in {path / 'problems.txt'}")
 
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
@@ -250,18 +275,23 @@ def train_cmd(
     start_stage: Annotated[Optional[str], typer.Option(
         help="Begin at this stage, the earlier ones taken from --init (e.g. an ldm's prior).")] = None,
     overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    log_file: LogFile = None,
 ) -> None:
     """Train one architecture on a slice store (resumable; DDP under torchrun)."""
+    import os
+
+    from .progress import log_to, say
     from .train.engine import train
 
     init_overrides = [f"init.{k}={json.dumps(v)}" for k, v in (("from", init), ("start", start_stage)) if v]
     cfg = load_run_config(config, [*(overrides or ()), *init_overrides])
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs, precision=precision,
                                      compile=compile, seed=seed))
-    summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
-    typer.echo(f"trained {summary['arch']}: {summary['steps']} steps in {summary['seconds']} s "
-               f"({summary['images_per_second']} img/s), best val loss {summary['best_val_loss_per_pixel']:.4f} "
-               f"nats/pixel -> {out}")
+    with log_to(log_file if os.environ.get("RANK", "0") == "0" else None, out):  # one writer under torchrun
+        summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
+        say(f"trained {summary['arch']}: {summary['steps']} steps in {summary['seconds']} s "
+            f"({summary['images_per_second']} img/s), best val loss {summary['best_val_loss_per_pixel']:.4f} "
+            f"nats/pixel -> {out}")
 
 
 @app.command("tune")
@@ -340,18 +370,20 @@ def sample_cmd(
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
     device: Device = "auto", force: Force = False,
 ) -> None:
-    """Generate new slices: PNG grid, one PNG each, a NIfTI stack and .npy."""
+    """Generate new slices: PNG grid, one greyscale PNG each, NIfTI (images along axis 4), .npy, meta.json."""
     from . import generate as G
+    from .errors import OutputExistsError
     from .train.engine import resolve_device
 
+    out = out or RunDir.resolve(run).output("samples")
+    refuse_overlap(out, [RunDir.resolve(run).path], inside_ok=True)  # --out RUN --force would delete the run
+    if out.exists() and not force:
+        raise OutputExistsError(out)
     model = G.load(run, device=resolve_device(device))
     cond = G.conditions(model, age, sex, position)
     sampler = {"steps": steps, "guidance": guidance, "solver": solver}
     images = G.sample_images(model, n, cond, seed, sampler=sampler)
-    out = out or RunDir.resolve(run).output("samples")
-    meta = {"run": str(run), "n": n, "seed": seed, "cond": cond,
-            "sampler": {k: v for k, v in sampler.items() if v is not None}}
-    G.export(images, out, G.spacing_of(run), meta, force=force)
+    G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, sampler), force=force)
     typer.echo(f"{n} samples -> {out}")
 
 
@@ -363,20 +395,19 @@ def reconstruct_cmd(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     n: Annotated[int, typer.Option("-n")] = 16, seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/reconstructions).")] = None,
-    device: Device = "auto", force: Force = False,
+    device: Device = "auto", force: Force = False, resize: Resize = False,
 ) -> None:
     """Reconstructions beside their originals (top row real, bottom row reconstructed)."""
-    import numpy as np
-
     from . import generate as G
-    from .data.store import SliceStore
     from .train.engine import resolve_device
 
+    store = checked_store(run, data, resize)
     model = G.load(run, device=resolve_device(device))
-    real, recon = G.reconstruct_split(model, SliceStore(data), split, n, seed)
+    real, recon = G.reconstruct_split(model, store, split, n, seed)
     out = out or RunDir.resolve(run).output("reconstructions")
-    G.export(np.concatenate([real, recon]), out, G.spacing_of(run),
-             {"run": str(run), "store": str(data), "split": split, "n": len(real)}, force=force, ncol=len(real))
+    G.export_reconstructions(real, recon, out, G.spacing_of(run),
+                             {"run": str(run), "store": str(data), "split": split, "n": len(real)}, split=split,
+                             force=force)
     typer.echo(f"{len(real)} reconstructions -> {out / 'grid.png'}")
 
 
@@ -389,17 +420,18 @@ def interpolate_cmd(
     data: Annotated[Path, typer.Option(help="Slice store.")],
     steps: int = 8,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/interpolation-A-B).")] = None,
-    device: Device = "auto", force: Force = False,
+    device: Device = "auto", force: Force = False, resize: Resize = False,
 ) -> None:
     """A latent interpolation strip between two real slices."""
     from . import generate as G
-    from .data.store import SliceStore
     from .train.engine import resolve_device
 
+    store = checked_store(run, data, resize)
     model = G.load(run, device=resolve_device(device))
-    strip = G.interpolate(model, SliceStore(data), a, b, steps)
+    strip = G.interpolate(model, store, a, b, steps)
     out = out or RunDir.resolve(run).output(f"interpolation-{a}-{b}")
-    G.export(strip, out, G.spacing_of(run), {"run": str(run), "a": a, "b": b}, force=force, ncol=steps)
+    G.export(strip, out, G.spacing_of(run), {"run": str(run), "store": str(data), "a": a, "b": b}, force=force,
+             ncol=steps, description=f"axis 4: {steps} decoded points from store slice {a} to slice {b}")
     typer.echo(f"interpolation strip -> {out / 'grid.png'}")
 
 
@@ -417,17 +449,23 @@ def evaluate_cmd(
                                                                "(default 300; trained once per store, cached).")] = None,
     predictor_steps: Annotated[Optional[int], typer.Option(help="Training steps of the store's age / sex predictors "
                                                                  "(default 300; cached).")] = None,
+    split: Annotated[str, typer.Option(help="Real slices to measure against: test (to report) or val (to tune; "
+                                            "default output RUN/eval-val).")] = "test",
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
-    device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    device: Device = "auto", force: Force = False, quiet: Quiet = False, resize: Resize = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
     from .evaluate.run_eval import evaluate_run
     from .train.engine import resolve_device
 
-    out = out or RunDir.resolve(run).output("eval")
-    metrics = evaluate_run(run, data, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
+    out = out or RunDir.resolve(run).output("eval" if split == "test" else f"eval-{split}")
+    store = checked_store(run, data, resize)
+    if warning := RunDir.resolve(run).other_store_warning(store, split):
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
+    typer.echo(f"evaluate {run} on {data} ({split} split, n = {n}) -> {out}", err=True)
+    metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
                            featnet_steps=featnet_steps, predictor_steps=predictor_steps,
-                           device=resolve_device(device),
+                           device=resolve_device(device), split=split,
                            sampler={"steps": steps, "guidance": guidance, "solver": solver})
 
     def cell(v) -> str:
@@ -436,7 +474,7 @@ def evaluate_cmd(
     typer.echo(f"{'metric':<34} {'model':>10} {'floor':>10} {'ratio':>8}")
     for row in metrics["summary"]:
         typer.echo(f"{row['metric']:<34} {cell(row['model']):>10} {cell(row['floor']):>10} {cell(row['ratio']):>8}")
-    typer.echo(f"floor = real train vs real test slices (n = {metrics['n']}); -> {out / 'metrics.json'}")
+    typer.echo(f"floor = real train vs real {split} slices (n = {metrics['n']}); -> {out / 'metrics.json'}")
 
 
 @app.command("demo")
@@ -480,12 +518,13 @@ def quiz_make(
     n: Annotated[int, typer.Option("-n", "--n", help="Images in the quiz (half real, half synthetic).")] = 40,
     seed: int = 0,
     out: Annotated[Path, typer.Option(help="Folder for quiz.html, key.csv and meta.json.")] = Path("quiz"),
-    device: Device = "auto", force: Force = False,
+    device: Device = "auto", force: Force = False, resize: Resize = False,
 ) -> None:
     """Write quiz.html (give it to readers) and its hidden key.csv (keep it)."""
     from .report.quiz import make_quiz
     from .train.engine import resolve_device
 
+    checked_store(run, data, resize)
     path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
     typer.echo(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
                f"the key is {path / 'key.csv'})")
@@ -546,19 +585,22 @@ def anomaly_cmd(
     min_area: Annotated[int, typer.Option(help="Smallest connected component kept after thresholding (px).")] = 10,
     batch_size: int = 64,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/anomaly).")] = None,
-    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False, resize: Resize = False,
 ) -> None:
     """Anomaly localisation: pixel AUROC/AUPRC, Dice at a validation threshold, slice AUROC, overlays."""
-    from .evaluate.anomaly import evaluate_anomaly, summary_lines
+    from .data.store import SliceStore
+    from .evaluate.anomaly import AnomalyConfig, evaluate_anomaly, require_lesions, summary_lines
     from .evaluate.anomaly_scores import PostProcess
     from .train.engine import resolve_device
 
-    cases = [c.strip() for c in val_cases.split(",") if c.strip()] if val_cases else None
-    summary = evaluate_anomaly(run, data, out, baseline=baseline, val_cases=cases, val_fraction=val_fraction,
-                               primary=score, split=split, n_samples=samples,
-                               post=PostProcess(erode=erode, median=median, min_area=min_area),
-                               batch_size=batch_size, seed=seed, device=resolve_device(device), force=force,
-                               progress=not quiet)
+    require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
+    checked_store(run, data, resize)
+
+    cases = tuple(c.strip() for c in val_cases.split(",") if c.strip()) if val_cases else None
+    cfg = AnomalyConfig(baseline=baseline, val_cases=cases, val_fraction=val_fraction, primary=score, split=split,
+                        n_samples=samples, post=PostProcess(erode=erode, median=median, min_area=min_area),
+                        batch_size=batch_size, seed=seed)
+    summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force, progress=not quiet)
     if not quiet:
         for line in summary_lines(summary):
             typer.echo(line)

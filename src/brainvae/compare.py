@@ -27,6 +27,7 @@ from .config import RunConfig, load_config, replace
 from .errors import BrainVAEError
 from .io.atomic import atomic_write_bytes
 from .provenance import provenance
+from .rundir import RunDir
 
 # (column, path in eval/metrics.json, higher is better?); the first one present ranks the board.
 HEADLINE: list[tuple[str, tuple[str, ...], bool]] = [
@@ -84,18 +85,17 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def _train_one(cfg_path: Path, run_dir: Path, store: Path, seed: int, budget: str | None, steps: int | None,
+def _train_one(cfg_path: Path, run: RunDir, store: Path, seed: int, budget: str | None, steps: int | None,
                device: str, force: bool, progress: bool) -> dict:
     from .train.engine import train
 
-    summary_file = run_dir / "summary.json"
-    if summary_file.exists() and not force:
-        return json.loads(summary_file.read_text())
+    if run.summary_file.exists() and not force:
+        return json.loads(run.summary_file.read_text())
     cfg = load_config(RunConfig, cfg_path)
     # Same seed and budget for all; no early stopping and no epoch cap, so the budget decides.
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0, epochs=100_000))
-    resume = (run_dir / "checkpoints" / "last.safetensors").exists() and not force
-    return train(run_dir, store, cfg, device=device, resume=resume, force=force, progress=progress)
+    resume = run.last_checkpoint.exists() and not force
+    return train(run.path, store, cfg, device=device, resume=resume, force=force, progress=progress)
 
 
 def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None = None, steps: int | None = None,
@@ -121,20 +121,20 @@ def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None =
     rows = []
     for seed in range(seeds):
         for cfg_path, stem in zip(configs, stems):
-            run_dir = out / f"{stem}-s{seed}"
-            log(f"[compare] {stem} seed {seed}: training -> {run_dir}")
-            summary = _train_one(Path(cfg_path), run_dir, store, seed, budget, steps, device, force, progress)
+            run = RunDir(out / f"{stem}-s{seed}")
+            log(f"[compare] {stem} seed {seed}: training -> {run.path}")
+            summary = _train_one(Path(cfg_path), run, store, seed, budget, steps, device, force, progress)
             metrics = None
             if evaluate:
-                metrics_file = run_dir / "eval" / "metrics.json"
+                metrics_file = run.eval_dir / "metrics.json"  # evaluate's own output layout
                 if force or not metrics_file.exists():
                     from .evaluate.run_eval import evaluate_run
 
                     log(f"[compare] {stem} seed {seed}: evaluating")
-                    evaluate_run(run_dir, store, out=run_dir / "eval", n=n_eval, seed=seed, force=True,
+                    evaluate_run(run.path, store, out=run.eval_dir, n=n_eval, seed=seed, force=True,
                                  progress=progress)
                 metrics = json.loads(metrics_file.read_text())
-            rows.append({"config": stem, "arch": summary.get("arch"), "seed": seed, "run": str(run_dir),
+            rows.append({"config": stem, "arch": summary.get("arch"), "seed": seed, "run": str(run.path),
                          **headline(summary, metrics)})
 
     per_run = pd.DataFrame(rows)

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import tomli_w
 
@@ -63,22 +63,22 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.axis in AXES, f"axis must be one of {AXES}, got {self.axis!r}")
-        _check(8 <= self.size <= 1024, f"size must be in [8, 1024], got {self.size}")
-        _check(self.spacing is None or self.spacing > 0, "spacing must be positive")
-        _check(self.fov_mm > 0, "fov_mm must be positive")
-        _check(self.resolution_mm is None or self.resolution_mm > 0, "resolution_mm must be positive")
+        check(self.axis in AXES, f"axis must be one of {AXES}, got {self.axis!r}")
+        check(8 <= self.size <= 1024, f"size must be in [8, 1024], got {self.size}")
+        check(self.spacing is None or self.spacing > 0, "spacing must be positive")
+        check(self.fov_mm > 0, "fov_mm must be positive")
+        check(self.resolution_mm is None or self.resolution_mm > 0, "resolution_mm must be positive")
         lo, hi = self.position_range
-        _check(0.0 <= lo < hi <= 1.0, f"position_range must satisfy 0 <= lo < hi <= 1, got {self.position_range}")
+        check(0.0 <= lo < hi <= 1.0, f"position_range must satisfy 0 <= lo < hi <= 1, got {self.position_range}")
         if self.index_range is not None:
-            _check(0 <= self.index_range[0] < self.index_range[1], f"bad index_range {self.index_range}")
-        _check(0.0 <= self.min_brain < 1.0, "min_brain must be in [0, 1)")
-        _check(self.normalisation in NORMALISATIONS, f"normalisation must be one of {NORMALISATIONS}")
+            check(0 <= self.index_range[0] < self.index_range[1], f"bad index_range {self.index_range}")
+        check(0.0 <= self.min_brain < 1.0, "min_brain must be in [0, 1)")
+        check(self.normalisation in NORMALISATIONS, f"normalisation must be one of {NORMALISATIONS}")
         plo, phi = self.percentiles
-        _check(0.0 <= plo < phi <= 100.0, f"bad percentiles {self.percentiles}")
-        _check(len(self.split_ratios) == 3 and all(r >= 0 for r in self.split_ratios)
-               and abs(sum(self.split_ratios) - 1.0) < 1e-6, "split_ratios must be 3 non-negative numbers summing to 1")
-        _check(list(self.age_bands) == sorted(self.age_bands), "age_bands must be increasing")
+        check(0.0 <= plo < phi <= 100.0, f"bad percentiles {self.percentiles}")
+        check(len(self.split_ratios) == 3 and all(r >= 0 for r in self.split_ratios)
+              and abs(sum(self.split_ratios) - 1.0) < 1e-6, "split_ratios must be 3 non-negative numbers summing to 1")
+        check(list(self.age_bands) == sorted(self.age_bands), "age_bands must be increasing")
 
     @property
     def voxel_mm(self) -> float:
@@ -112,11 +112,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0 and self.lr > 0, "batch_size and lr must be positive")
-        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
-        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
-        _check(self.steps is None or self.steps > 0, "steps must be positive")
-        _check(self.patience >= 0, "patience must be >= 0 (0 = no early stopping)")
+        check(self.batch_size > 0 and self.lr > 0, "batch_size and lr must be positive")
+        check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
+        check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        check(self.steps is None or self.steps > 0, "steps must be positive")
+        check(self.patience >= 0, "patience must be >= 0 (0 = no early stopping)")
         if self.budget is not None:
             parse_duration(self.budget)
 
@@ -143,42 +143,39 @@ class RunConfig:
     init: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check("arch" in self.model, "[model] needs an 'arch' key")
+        check("arch" in self.model, "[model] needs an 'arch' key")
         self.model_config()  # validates the architecture and its fields
-        from .models.registry import lookup
-
-        names = lookup(self.arch)[0].stages
+        names = architecture(self.arch)[1]
         self.stage_plan(names)  # validates [stages]
         unknown = sorted(set(self.init) - {"from", "start"})
-        _check(not unknown, f"[init] takes 'from' and 'start', not {unknown}")
+        check(not unknown, f"[init] takes 'from' and 'start', not {unknown}")
         start = self.init.get("start", names[0])
-        _check(start in names, f"[init] start = {start!r} is not a stage of {self.arch} (its stages: {list(names)})")
-        _check(start == names[0] or self.init.get("from"),
-               f"[init] start = {start!r} skips earlier stages: give [init] from, the model they come from")
+        check(start in names, f"[init] start = {start!r} is not a stage of {self.arch} (its stages: {list(names)})")
+        check(start == names[0] or self.init.get("from"),
+              f"[init] start = {start!r} skips earlier stages: give [init] from, the model they come from")
 
     @property
     def arch(self) -> str:
         return self.model["arch"]
 
     def model_config(self):
-        from .models.registry import make_config
-
-        return make_config(self.arch, {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
-
+        """The validated config dataclass of the [model] section (its architecture's registered class)."""
+        config_cls, _ = architecture(self.arch)
+        return from_dict(config_cls, {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
 
     def stage_plan(self, names: tuple[str, ...]) -> list[tuple[str, TrainConfig]]:
         """(stage name, its TrainConfig) in training order: [train] with the stage's overrides, and the run's
         steps / epochs / budget split by the stages' shares."""
         unknown = sorted(set(self.stages) - set(names))
-        _check(not unknown, f"[stages] names {unknown} are not stages of {self.arch} (its stages: {list(names)})")
+        check(not unknown, f"[stages] names {unknown} are not stages of {self.arch} (its stages: {list(names)})")
         if len(names) == 1:
             return [(names[0], self._stage_train(names[0], 1.0))]
         later = {n: self.stages.get(n, {}).get("share", 0.5 / (len(names) - 1)) for n in names[1:]}
-        _check("share" not in self.stages.get(names[0], {}),
-               f"the first stage ({names[0]}) takes what the others leave: give later stages a share")
+        check("share" not in self.stages.get(names[0], {}),
+              f"the first stage ({names[0]}) takes what the others leave: give later stages a share")
         shares = {names[0]: 1.0 - sum(later.values()), **later}
-        _check(all(0 < v < 1 for v in shares.values()), f"stage shares must be in (0, 1) and leave the first "
-               f"stage a part; got {shares}")
+        check(all(0 < v < 1 for v in shares.values()), f"stage shares must be in (0, 1) and leave the first "
+              f"stage a part; got {shares}")
         return [(n, self._stage_train(n, shares[n])) for n in names]
 
     def start_stage(self, names: tuple[str, ...]) -> int:
@@ -206,9 +203,29 @@ def parse_duration(text: str) -> float:
     except ValueError:
         raise BrainVAEError(f"invalid duration {text!r}; use e.g. 90s, 20m, 1.5h") from None
 
-def _check(ok: bool, message: str) -> None:
+
+def check(ok: bool, message: str) -> None:
+    """Validation helper of every config's ``__post_init__``: BrainVAEError "invalid config: MESSAGE" unless ok."""
     if not ok:
         raise BrainVAEError(f"invalid config: {message}")
+
+
+# Architectures: RunConfig validates its [model] section with the classes ``brainvae.models.registry``
+# registers here when it is imported (brainvae/__init__.py imports it), so this module imports no model.
+ArchitectureLookup = Callable[[str], tuple[type, tuple[str, ...]]]  # arch -> (its config class, its training stages)
+_architecture_lookup: ArchitectureLookup | None = None
+
+
+def set_architecture_lookup(lookup: ArchitectureLookup) -> None:
+    global _architecture_lookup
+    _architecture_lookup = lookup
+
+
+def architecture(arch: str) -> tuple[type, tuple[str, ...]]:
+    """(config class, training stages) of a registered architecture; unknown names are a BrainVAEError."""
+    if _architecture_lookup is None:
+        raise RuntimeError("no architecture registry: import brainvae.models.registry first")
+    return _architecture_lookup(arch)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -241,11 +258,45 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
             value = from_dict(hint, value, f"{source}[{key}]")
         elif isinstance(value, list) and _is_tuple(hint):
             value = tuple(value)
+        if not _fits(value, hint):
+            raise BrainVAEError(f"{source}: {key} = {value!r} is {type(value).__name__}, expected "
+                                f"{_type_name(hint)}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:  # wrong types reach the constructor
         raise BrainVAEError(f"{source}: {exc}") from exc
+    except BrainVAEError as exc:  # a failed validation: name the file (nested tables already name it)
+        if source in str(exc):
+            raise
+        raise BrainVAEError(f"{source}: {exc}") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from TOML or code) has the type ``hint`` asks for: a bool is not a number
+    (``lr = true`` must not train at 1.0), an int is a float, a float is not an int."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if origin is not None:  # dict[str, X], list[X]...: the container's type only
+        return isinstance(value, origin)
+    return hint in (Any, object) or not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
 
 
 def _is_tuple(hint: Any) -> bool:
@@ -364,4 +415,5 @@ def replace(cfg: T, **changes: Any) -> T:
 
 
 __all__ = ["PrepareConfig", "TrainConfig", "RunConfig", "load_config", "save_config", "to_dict", "from_dict", "replace", "field",
-           "shipped_configs", "config_description", "resolve_run_config", "apply_overrides", "load_run_config"]
+           "check", "set_architecture_lookup", "architecture", "shipped_configs", "config_description",
+           "resolve_run_config", "apply_overrides", "load_run_config"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from . import generate as G
@@ -69,10 +68,10 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     model = G.load(run)
     spacing = G.spacing_of(run)
     for age, sex in ((30, "F"), (30, "M"), (75, "F"), (75, "M")):
-        images = G.sample_images(model, 16, G.conditions(model, age, sex, 0.5), seed=0)
-        G.export(images, run / f"samples-age{age}-{sex}", spacing, {"age": age, "sex": sex, "position": 0.5}, force=True)
+        _sample(run, model, age, sex, run / f"samples-age{age}-{sex}", spacing)
     real, recon = G.reconstruct_split(model, SliceStore(store), "test", 8)
-    G.export(np.concatenate([real, recon]), run / "reconstructions", spacing, {"split": "test"}, force=True, ncol=8)
+    G.export_reconstructions(real, recon, run / "reconstructions", spacing, {"run": str(run), "store": str(store)},
+                             split="test", force=True)
 
     step("evaluate: reconstruction, realism against the real-vs-real floor, conditional fidelity")
     evaluate_run(run, store, run / "eval", n=DEMO_EVAL_N, force=True, progress=progress)
@@ -89,9 +88,7 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
         step(f"sample REAL-data slices from the shipped pretrained model {PRETRAINED} (trained on IXI T1)")
         model = G.load(PRETRAINED)
         for age, sex in ((30, "F"), (75, "M")):
-            images = G.sample_images(model, 16, G.conditions(model, age, sex, 0.5), seed=0)
-            G.export(images, out / PRETRAINED / f"samples-age{age}-{sex}", G.spacing_of(PRETRAINED),
-                     {"model": PRETRAINED, "age": age, "sex": sex, "position": 0.5}, force=True)
+            _sample(PRETRAINED, model, age, sex, out / PRETRAINED / f"samples-age{age}-{sex}", G.spacing_of(PRETRAINED))
 
     step("blinded real-vs-synthetic quiz and the HTML report")
     make_quiz(run, store, out / "quiz", n=24, force=True)
@@ -102,3 +99,10 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     typer.echo(f"dataset description: {out / 'describe' / 'index.html'}")
     typer.echo(f"slice store: {store}")
     typer.echo(f"run: {run} (samples-age*/grid.png, reconstructions/grid.png; tensorboard --logdir {run / 'tb'})")
+
+
+def _sample(run, model, age: float, sex: str, out: Path, spacing: float, n: int = 16) -> None:
+    """n samples at position 0.5 for one age and sex, exported like `brainvae sample`."""
+    cond = G.conditions(model, age, sex, 0.5)
+    images = G.sample_images(model, n, cond, seed=0)
+    G.export_samples(images, out, spacing, G.sample_meta(run, model, n, 0, cond, None), force=True)

@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from scipy import ndimage
-from tqdm import tqdm
 
 from .errors import BrainVAEError, InputFileError, OutputExistsError
 from .io.atomic import atomic_dir
 from .io.ixi import HOSPITALS, field_strength
 from .io.nifti import load_mask, load_volume, orientation
 from .io.scan import Inventory, Scan
+from .progress import bar as progress_bar
 from .provenance import provenance
 from .report.html import esc, figure_html, list_html, notice, page, png_bytes, table_html
 
@@ -124,7 +124,7 @@ def _describe_one(job: tuple[Scan, bool]) -> VolumeStats | str:
 def _describe_all(jobs: list[tuple[Scan, bool]], workers: int, progress: bool) -> list[VolumeStats | str]:
     """Run :func:`_describe_one` over ``jobs`` in ``workers`` processes (inline for one), in order, with a bar."""
     results: list[VolumeStats | str] = []
-    with tqdm(total=len(jobs), unit="vol", desc="describe", disable=not progress) as bar, \
+    with progress_bar(total=len(jobs), unit="vol", desc="describe", disable=not progress) as bar, \
             (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
         for result in (pool.map(_describe_one, jobs, chunksize=2) if pool else map(_describe_one, jobs)):
             results.append(result)

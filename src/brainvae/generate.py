@@ -1,11 +1,13 @@
 """Generation from a trained run: prior/conditional sampling, reconstructions, interpolation, export.
 
-    model = brainvae.load("runs/vae")               # EMA weights of the best checkpoint
-    x = model.sample(16, {"age": 70, "sex": -1})    # (16, 1, H, W) in [0, 1]
+    model = brainvae.load("runs/vae")                # EMA weights of the best checkpoint
+    x = model.generate(16, {"age": 70, "sex": "F"})  # (16, 1, H, W) in [0, 1]
 
-Exports: a PNG grid, one PNG per slice, a NIfTI stack (slices along the third
-axis, with the store's spacing, so it opens in ITK-SNAP / FSLeyes in the
-display orientation) and a .npy array.
+Exports: a PNG grid and one PNG per image (8-bit greyscale), a NIfTI file, a
+.npy array and meta.json. The NIfTI holds the images along its 4th axis,
+(W, H, 1, n) with the store's in-plane spacing: they are separate 2-D images,
+not slices of one volume, so no spacing between them is claimed; its header
+description and meta.json say what they are.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .conditions import check_conditions
 from .config import RunConfig, load_config
 from .data.dataset import SliceBatches
 from .data.store import SliceStore
@@ -24,8 +27,6 @@ from .io.atomic import atomic_dir
 from .io.nifti import save_nifti
 from .rundir import RunDir
 from .train.checkpoint import load_model
-
-SEX_VALUES = {"m": 1.0, "male": 1.0, "+1": 1.0, "1": 1.0, "f": -1.0, "female": -1.0, "-1": -1.0}
 
 
 def checkpoint_path(run: str | Path, which: str = "best") -> Path:
@@ -38,59 +39,9 @@ def load(run: str | Path, which: str = "best", device: str | torch.device = "cpu
     return load_model(checkpoint_path(run, which), device=device)
 
 
-def parse_sex(sex: str | float | None) -> float | None:
-    """M / male / +1 -> +1.0, F / female / -1 -> -1.0 (any case); numbers pass through (see check_conditions)."""
-    if sex is None or not isinstance(sex, str):
-        return sex
-    value = SEX_VALUES.get(sex.strip().lower())
-    if value is None:
-        raise BrainVAEError(f"sex must be M or F (also male / female, +1 / -1), got {sex!r}")
-    return value
-
-
-# Valid values per condition in user units (ends included); sex: +1 male, -1 female, 0 unknown.
-CONDITION_RANGES = {"age": (0.0, 120.0), "position": (0.0, 1.0)}
-
-
-def check_conditions(cond: dict | None, allowed: tuple[str, ...], arch: str = "model") -> dict | None:
-    """Validated sampling conditions in user units; keys the model is not conditioned on are refused.
-
-    Values are scalars or (n,) arrays / tensors (sample i gets the i-th; NaN = unknown, allowed only in
-    arrays, which come from data). Age in 0..120 years, position in 0..1, sex "M" / "F" (-> +1 / -1) or
-    +1 / -1 / 0. None values are dropped; returns None when nothing is left."""
-    if cond is None:
-        return None
-    if not isinstance(cond, dict):
-        raise BrainVAEError(f"conditions must be a dict such as {{'age': 70, 'sex': 'F'}}, got {cond!r}")
-    given = {k: v for k, v in cond.items() if v is not None}
-    extra = sorted(set(given) - set(allowed))
-    if extra:
-        raise BrainVAEError(f"this {arch} model is not conditioned on {extra} "
-                            f"(its conditions: {list(allowed) or 'none'})")
-    out = {}
-    for key, value in given.items():
-        if key == "sex":
-            value = parse_sex(value)
-        try:
-            arr = value.detach().double().cpu().numpy() if isinstance(value, torch.Tensor) \
-                else np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise BrainVAEError(f"{key} must be a number or an array of numbers, got {value!r}") from None
-        if key == "sex":
-            ok, what = np.isin(arr, (-1.0, 0.0, 1.0)), "M or F (+1 male, -1 female, 0 unknown)"
-        else:
-            lo, hi = CONDITION_RANGES[key]
-            ok, what = (arr >= lo) & (arr <= hi), f"within {lo:g}..{hi:g}" + (" years" if key == "age" else "")
-        ok |= np.isnan(arr) & (arr.ndim > 0)
-        if not ok.all():
-            raise BrainVAEError(f"{key} must be {what}, got {arr[~ok].flat[0].item() if arr.ndim else value!r}")
-        out[key] = float(arr) if arr.ndim == 0 else value
-    return out or None
-
-
 def conditions(model, age: float | None, sex: str | float | None, position: float | None) -> dict | None:
-    """User options -> validated cond dict (see check_conditions); refuses conditions the model was not
-    trained with."""
+    """User options -> validated cond dict (``conditions.check_conditions``); refuses conditions the model was
+    not trained with."""
     return check_conditions({"age": age, "sex": sex, "position": position}, tuple(model.config.conditions),
                             model.arch)
 
@@ -100,11 +51,10 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
                   precision: str = "auto", sampler: dict | None = None) -> np.ndarray:
     """n samples as (n, H, W) float32, reproducible from ``seed`` (one generator for all batches;
     autocast as ``autocast_dtype(precision)``: bf16 only where it is native). A condition is one value for all samples or n values
-    (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last).
-    ``sampler``: options of a model with a learned prior (``model.sample_options``: e.g. steps, guidance, solver)."""
+    (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last), through
+    ``model.generate``, which checks the conditions and the ``sampler`` options (those of a model with a learned
+    prior, ``model.sample_options``: e.g. steps, guidance, solver)."""
     from .train.engine import autocast_dtype
-
-    sampler = model.check_sample_options(sampler)
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
@@ -119,7 +69,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
             stop = min(start + batch_size, n)
             c = None if cond is None else {k: per_sample[k][start:stop] if k in per_sample else v
                                            for k, v in cond.items()}
-            out.append(model.sample(stop - start, c, g, **sampler).float().clamp(0, 1)[:, 0].cpu().numpy())
+            out.append(model.generate(stop - start, c, g, **(sampler or {})).float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 
@@ -136,9 +86,10 @@ def grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
-    from matplotlib import image as mpimg
+    """An 8-bit greyscale PNG of an image in [0, 1] (0 black, 1 white)."""
+    from PIL import Image
 
-    mpimg.imsave(path, np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 def spacing_of(run: str | Path) -> float:
@@ -152,19 +103,53 @@ def spacing_of(run: str | Path) -> float:
     return fov / size
 
 
-def export(images: np.ndarray, out: Path, spacing: float, meta: dict, *, force: bool = False, ncol: int | None = None) -> Path:
-    """Write grid.png, png/NNNN.png, slices.nii.gz, slices.npy and meta.json atomically into ``out``."""
+def export(images: np.ndarray, out: Path, spacing: float, meta: dict, *, description: str, force: bool = False,
+           ncol: int | None = None) -> Path:
+    """Write grid.png, png/NNNN.png, slices.nii.gz, slices.npy and meta.json atomically into ``out``.
+
+    ``description`` (at most 80 characters) says what the images are, e.g. which are real and which
+    reconstructed; it goes into the NIfTI header and meta.json."""
     with atomic_dir(out, force=force) as tmp:
         save_png(tmp / "grid.png", grid(images, ncol))
         (tmp / "png").mkdir()
         for i, img in enumerate(images):
             save_png(tmp / "png" / f"{i:04d}.png", img)
-        # (n, H, W) display arrays -> (W, H, n): i runs to patient left, j to posterior, k = slice
+        # (n, H, W) display arrays -> (W, H, 1, n): i runs to patient left, j to posterior, image n along axis 4
         affine = np.diag([-spacing, -spacing, spacing, 1.0])
-        save_nifti(np.ascontiguousarray(images.transpose(2, 1, 0)), affine, tmp / "slices.nii.gz")
+        save_nifti(np.ascontiguousarray(images.transpose(2, 1, 0)[:, :, None]), affine, tmp / "slices.nii.gz",
+                   description)
         np.save(tmp / "slices.npy", images)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "meta.json").write_text(json.dumps({"images": description, **meta}, indent=2))
     return Path(out)
+
+
+def sample_meta(run: str | Path, model, n: int, seed: int, cond: dict | None, sampler: dict | None) -> dict:
+    """meta.json of sampled images: the checkpoint (path, SHA-256, step), the seed, ``cond``: each condition of
+    the model as given (sex "M" / "F") or "not given" (then set to ``conditions.NEUTRAL``, or marginalised by a
+    model with a learned prior: ldm), and the sampler settings used."""
+    from .train.checkpoint import describe_checkpoint
+
+    cond = cond or {}
+    sexes = {1.0: "M", -1.0: "F", 0.0: "unknown"}
+    used = {k: (sexes[cond[k]] if k == "sex" else cond[k]) if k in cond else "not given"
+            for k in model.config.conditions}
+    given = {k: v for k, v in (sampler or {}).items() if v is not None}
+    return {"run": str(run), "checkpoint": describe_checkpoint(checkpoint_path(run)), "n": n, "seed": seed,
+            "cond": used, "sampler": {**model.sampler_settings(), **given}}
+
+
+def export_samples(images: np.ndarray, out: Path, spacing: float, meta: dict, *, force: bool = False) -> Path:
+    """Independent samples (see ``export`` and ``sample_meta``)."""
+    return export(images, out, spacing, meta, force=force,
+                  description=f"{len(images)} independent samples along axis 4 (not slices of one volume)")
+
+
+def export_reconstructions(real: np.ndarray, recon: np.ndarray, out: Path, spacing: float, meta: dict, *,
+                           split: str, force: bool = False) -> Path:
+    """Real slices (top row; images 0..n-1) above their reconstructions (bottom row; n..2n-1), see ``export``."""
+    n = len(real)
+    return export(np.concatenate([real, recon]), out, spacing, meta, force=force, ncol=n,
+                  description=f"axis 4: 0-{n - 1} real {split} slices, {n}-{2 * n - 1} their reconstructions")
 
 
 @torch.no_grad()

@@ -11,7 +11,9 @@ Layout (written by ``brainvae train``)::
     summary.json              final numbers (steps, seconds, img/s, best validation loss)
     metrics.jsonl, tb/        training curves
     checkpoints/{best,last}.safetensors (+ .state.pt: optimiser, counters, RNG)
-    eval/, anomaly/, utility/, samples/, reconstructions/, interpolation/   outputs of later commands
+    eval/, anomaly/, utility/  outputs of evaluate / anomaly / utility (each with its metrics.json and figures)
+    samples*/, reconstructions*/, interpolation*/   outputs of sample / reconstruct / interpolate (grid.png)
+    quiz*/                     a visual Turing test and its scored answers (*.score.json)
 
 A shipped model (``src/brainvae/pretrained/NAME/``) has the same layout with only
 ``checkpoints/best.safetensors`` (EMA weights), ``config.toml``, ``provenance.json``,
@@ -24,8 +26,12 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import BrainVAEError
+from .errors import BrainVAEError, InputFileError
+
+if TYPE_CHECKING:  # the CLI imports this module at start: pandas and torch only when used
+    from .data.store import SliceStore
 
 CHECKPOINTS = "checkpoints"
 
@@ -80,8 +86,40 @@ class RunDir:
         return self.path / "summary.json"
 
     @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Where training saves its latest weights (a run resumes from it); it may not exist yet."""
+        return self.checkpoints / "last.safetensors"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def anomaly_dir(self) -> Path:
+        return self.path / "anomaly"
+
+    @property
+    def utility_dir(self) -> Path:
+        return self.path / "utility"
+
+    @property
+    def grid_dirs(self) -> list[Path]:
+        """Folders written by sample / reconstruct / interpolate that hold a grid.png, in that order."""
+        return [d for pattern in ("samples*", "reconstructions*", "interpolation*")
+                for d in sorted(self.path.glob(pattern)) if (d / "grid.png").is_file()]
+
+    @property
+    def quiz_scores(self) -> list[Path]:
+        """Scored answers of quizzes made from this run (``quiz*/*.score.json``)."""
+        return sorted(self.path.glob("quiz*/*.score.json"))
 
     def checkpoint(self, which: str = "best") -> Path:
         """The weights file (``which`` = best or last; a checkpoint the user named wins)."""
@@ -99,4 +137,54 @@ class RunDir:
         return self.path / kind
 
     def provenance(self) -> dict:
-        return json.loads(self.provenance_file.read_text()) if self.provenance_file.exists() else {}
+        if not self.provenance_file.exists():
+            return {}
+        try:
+            return json.loads(self.provenance_file.read_text())
+        except ValueError:
+            raise InputFileError(self.provenance_file, "not valid JSON") from None
+
+    def trained_on(self, store: SliceStore) -> bool:
+        """Whether ``store`` is the store this run trained on: the same fingerprint (runs of older versions,
+        which did not record it: the same path; runs that recorded neither: assumed)."""
+        prov = self.provenance()
+        if "store_fingerprint" in prov:
+            return prov["store_fingerprint"] == store.fingerprint()
+        return Path(prov.get("store", store.path)).resolve() == store.path.resolve()
+
+    def check_size(self, store: SliceStore, *, resize: bool = False) -> None:
+        """Refuse a store whose slices differ in size from those the run trained on, unless ``resize``
+        (``--resize``): its slices are then resampled to the model's input size."""
+        from .train.checkpoint import read_metadata
+
+        size = store.images.shape[-1]
+        trained = self.provenance().get("store_config", {}).get("size") or \
+            read_metadata(self.checkpoint())["brainvae_model"]["image_size"]
+        if size != trained and not resize:
+            raise BrainVAEError(f"{store.path}: its slices are {size} x {size} px, but {self.name} was trained on "
+                                f"{trained} x {trained} px slices; prepare the store with --size {trained}, or pass "
+                                f"--resize to resample its slices to the model's size")
+
+    def other_store_warning(self, store: SliceStore, split: str) -> str | None:
+        """None for the store the run trained on; else a warning, and an error when volumes of the store's
+        ``split`` were in the run's training split (same source checksum), so it cannot measure the run."""
+        from .data.store import SliceStore
+
+        if self.trained_on(store):
+            return None
+        prov = self.provenance()
+        trained = Path(prov.get("store", ""))
+        warning = (f"{store.path} is not the store {self.name} was trained on ({prov.get('store', 'not recorded')}): "
+                   f"its {split} slices are measured against its own train split, not the run's training data")
+        if not (trained / "manifest.csv").is_file():
+            return warning + "; that store is not found, so whether they share subjects was not checked"
+        old = SliceStore(trained).manifest
+        seen = set(old.loc[old["split"] == "train", "checksum"])
+        m = store.manifest[store.manifest["split"] == split]
+        shared = sorted(set(m.loc[m["checksum"].isin(seen), "subject"]))
+        if shared:
+            raise BrainVAEError(f"{store.path}: {len(shared)} of its {split} subjects ({', '.join(shared[:5])}"
+                                f"{', ...' if len(shared) > 5 else ''}) are volumes {self.name} trained on (the same "
+                                f"source files as in {trained}'s train split); evaluate on {trained}, or on a store "
+                                f"of other subjects")
+        return warning

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
+from ..conditions import conditions_of
+from ..errors import BrainVAEError
+from .resize import resize_images
 from .store import SliceStore
-
-SEX_CODE = {"M": 1.0, "F": -1.0}
 
 
 class SliceBatches:
@@ -24,14 +24,10 @@ class SliceBatches:
         self.store = store
         self.rows = store.indices(split)
         if len(self.rows) == 0:
-            raise ValueError(f"{store.path}: split {split!r} has no slices")
+            raise BrainVAEError(f"{store.path}: split {split!r} has no slices")
         self.images = store.images
-        m = store.manifest.iloc[self.rows]
-        self.cond = {
-            "age": torch.tensor(m["age"].to_numpy(dtype=float), dtype=torch.float32),
-            "sex": torch.tensor(m["sex"].map(SEX_CODE).fillna(0.0).to_numpy(dtype=float), dtype=torch.float32),
-            "position": torch.tensor(m["position"].to_numpy(dtype=float), dtype=torch.float32),
-        }
+        self.cond = {k: torch.tensor(v, dtype=torch.float32)
+                     for k, v in conditions_of(store.manifest.iloc[self.rows]).items()}  # {key: (N,)}
         self.image_size = image_size
         self.device = torch.device(device)
 
@@ -43,9 +39,8 @@ class SliceBatches:
         idx = np.asarray(idx)
         order = np.argsort(self.rows[idx])
         idx = idx[order]
-        x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[idx]]))[:, None]  # (B, 1, H, W)
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
+        x = resize_images(torch.from_numpy(np.ascontiguousarray(self.images[self.rows[idx]]))[:, None],
+                          self.image_size)  # (B, 1, S, S)
         cond = {k: v[idx].to(self.device) for k, v in self.cond.items()}
         return x.to(self.device), cond
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ..config import PrepareConfig, to_dict
 from ..errors import BrainVAEError, OutputExistsError
+from ..io.atomic import refuse_overlap
 from ..io.scan import Inventory, Scan
+from ..progress import bar as progress_bar
 from ..provenance import provenance
 from .preprocess import PreparedVolume, prepare_volume
 from .split import assign_splits
@@ -36,14 +37,20 @@ def _run_one(args: tuple[Scan, PrepareConfig]) -> PreparedVolume | BrainVAEError
 
 def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, workers: int | None = None,
                     strict: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Preprocess all scans of ``inventory`` into the store ``out`` (see :mod:`brainvae.data.store`)."""
+    """Preprocess all scans of ``inventory`` into the store ``out`` (see :mod:`brainvae.data.store`).
+
+    ``out`` may not be, hold or lie inside an input (``--force`` would replace the dataset); with ``force``
+    an existing store is replaced only once the new one is complete.
+    """
     out = Path(out)
+    refuse_overlap(out, [inventory.root, inventory.demographics, inventory.masks, inventory.lesions])
     if out.exists() and not force:  # fail before any work; StoreWriter checks again when it opens
         raise OutputExistsError(out)
     scans = inventory.scans
     problems = list(inventory.problems)
     if strict and problems:
         raise BrainVAEError("--strict: problems found in the inputs:\n  " + "\n  ".join(problems))
+    problems += cohort_notes(inventory, cfg)
     workers = max(1, min(workers or os.cpu_count() or 1, len(scans)))
     start = time.perf_counter()
     jobs = [(s, cfg) for s in scans]
@@ -89,16 +96,42 @@ def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, work
     return out
 
 
+def cohort_notes(inventory: Inventory, cfg: PrepareConfig, limit: int | None = None) -> list[str]:
+    """What the store will lack: subjects without age or sex, volumes that cannot be skull-stripped (no brain
+    mask; BraTS volumes are already stripped). Subjects are listed, the first ``limit`` of them when given."""
+    scans = inventory.scans
+    source = f"in {inventory.demographics.name}" if inventory.demographics else \
+        "(no demographics file found; give one with --demographics)"
+    groups = [
+        (f"age unknown {source}", [s.subject for s in scans if s.age is None]),
+        (f"sex unknown {source}", [s.subject for s in scans if s.sex is None]),
+        ("no skull stripping (no brain mask: intensities are normalised over the whole head; give masks with "
+         "--masks)", [s.subject for s in scans if cfg.skull_strip and s.mask is None and s.dataset != "brats"]),
+    ]
+    notes = []
+    for what, subjects in groups:
+        if subjects:
+            shown = subjects[:limit] if limit else subjects
+            more = f" and {len(subjects) - len(shown)} more" if len(shown) < len(subjects) else ""
+            notes.append(f"{what}: {len(subjects)} of {len(scans)} subjects: {', '.join(shown)}{more}")
+    return notes
+
+
 def _map(jobs: list, workers: int, progress: bool):
-    """Results of ``_run_one`` in job order, as they complete, with a progress bar."""
-    with tqdm(total=len(jobs), unit="vol", desc="prepare", disable=not progress) as bar:
+    """Results of ``_run_one`` in job order, as they complete, with a progress bar (counted before each result
+    is handed on: the caller stops pulling after the last one)."""
+    with progress_bar(total=len(jobs), unit="vol", desc="prepare", disable=not progress) as bar:
         if workers == 1:
             _init_worker()
             for job in jobs:
-                yield _run_one(job)
+                result = _run_one(job)
                 bar.update()
-            return
-        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-            for result in pool.map(_run_one, jobs, chunksize=1):
                 yield result
+            return
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker)
+        try:
+            for result in pool.map(_run_one, jobs, chunksize=1):
                 bar.update()
+                yield result
+        finally:  # on an error or Ctrl-C, queued volumes are dropped instead of being waited for
+            pool.shutdown(wait=True, cancel_futures=True)

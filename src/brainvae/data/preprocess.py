@@ -39,6 +39,41 @@ _GRID_DIRECTIONS = {
 }
 
 
+# Plausible brain MRI: voxel sizes (mm per axis), the brain's extent (mm per axis) and the share of the
+# volume it fills. Outside these a volume is skipped and reported, not turned into slices without anatomy.
+VOXEL_MM = (0.05, 20.0)
+BRAIN_EXTENT_MM = (30.0, 300.0)
+MAX_BRAIN_FRACTION = 0.9
+
+
+def implausible_voxels(zooms: tuple[float, float, float]) -> str | None:
+    """Why these voxel sizes cannot be a brain MRI's, or None."""
+    lo, hi = VOXEL_MM
+    if all(lo <= z <= hi for z in zooms):
+        return None
+    return (f"implausible voxel size {' x '.join(f'{z:g}' for z in zooms)} mm "
+            f"(expected {lo:g} to {hi:g} mm per axis; is the header's unit wrong?)")
+
+
+def implausible_brain(data: np.ndarray, brain: np.ndarray, zooms: tuple[float, float, float]) -> str | None:
+    """Why this volume and its brain mask do not look like a brain scan (constant intensity, a mask that fills
+    the whole field of view, a brain far too small or too large), or None."""
+    values = data[brain]
+    lo, hi = np.percentile(values, (1, 99))
+    if hi <= lo:
+        return f"no contrast inside the brain (intensity {lo:g} almost everywhere)"
+    fraction = brain.mean()
+    if fraction > MAX_BRAIN_FRACTION:
+        return f"the brain mask covers {100 * fraction:.0f} % of the volume (expected a head inside a larger field of view)"
+    where = np.argwhere(brain)
+    extent = (where.max(axis=0) - where.min(axis=0) + 1) * np.asarray(zooms)
+    lo_mm, hi_mm = BRAIN_EXTENT_MM
+    if extent.min() < lo_mm or extent.max() > hi_mm:
+        return (f"implausible brain extent {' x '.join(f'{e:.0f}' for e in extent)} mm "
+                f"(expected {lo_mm:g} to {hi_mm:g} mm per axis)")
+    return None
+
+
 @dataclass
 class PreparedVolume:
     """The selected slices of one volume, ready for the store."""
@@ -216,6 +251,8 @@ def match_resolution(image: sitk.Image, fwhm_mm: float) -> sitk.Image:
 def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
     """Run the whole per-volume pipeline (see the module docstring)."""
     vol = load_volume(scan.image)
+    if problem := implausible_voxels(vol.zooms):
+        raise InputFileError(scan.image, problem)
     stats: dict = {}
     if scan.mask is not None and cfg.skull_strip:
         brain = load_mask(scan.mask, vol)
@@ -225,6 +262,9 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
         stats["mask_source"] = "image support" if scan.dataset == "brats" else "head (no brain mask)"
         if not brain.any():
             raise InputFileError(scan.image, "no foreground found to normalise")
+    if problem := implausible_brain(vol.data, brain, vol.zooms):
+        given = f" (brain mask {scan.mask.name})" if stats["mask_source"] == "given" else ""
+        raise InputFileError(scan.image, problem + given)
     lesion = load_mask(scan.lesion, vol, what="lesion mask") if scan.lesion is not None else None
 
     image = to_sitk(vol.data, vol.affine)

@@ -15,6 +15,7 @@ Layout of ``datasets/<name>/``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import PrepareConfig, load_config, save_config
-from ..errors import BrainVAEError
+from ..errors import BrainVAEError, InputFileError
 from ..io.atomic import atomic_dir
 
 
@@ -117,6 +118,19 @@ def write_store(path: Path, arrays: dict[str, np.ndarray], manifest: pd.DataFram
     return Path(path)
 
 
+MANIFEST_COLUMNS = ("subject", "split", "age", "sex", "position")  # what training and evaluation read
+NUMERIC_COLUMNS = ("age", "position")
+
+
+def _read_csv(file: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(file, dtype={"subject": str})
+    except FileNotFoundError:
+        raise InputFileError(file, "missing; prepare the store again") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # empty, unparsable or binary
+        raise InputFileError(file, f"not a readable CSV table ({exc})") from None
+
+
 @dataclass
 class SliceStore:
     """Read access to a prepared store; arrays are memory-mapped, never copied whole."""
@@ -135,18 +149,33 @@ class SliceStore:
 
     @cached_property
     def manifest(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "manifest.csv", dtype={"subject": str})
+        file = self.path / "manifest.csv"
+        table = _read_csv(file)
+        missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
+        if missing:
+            raise InputFileError(file, f"missing column(s) {', '.join(missing)}; prepare the store again")
+        for column in NUMERIC_COLUMNS:
+            if not pd.api.types.is_numeric_dtype(table[column]):
+                raise InputFileError(file, f"column {column!r} holds non-numbers; prepare the store again")
+        return table
 
     @cached_property
     def subjects(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "subjects.csv", dtype={"subject": str})
+        return _read_csv(self.path / "subjects.csv")
 
     def array(self, name: str) -> np.ndarray:
-        """``images``, ``brain`` or ``lesion`` as a read-only memory map (N, H, W)."""
+        """``images``, ``brain`` or ``lesion`` as a read-only memory map (N, H, W), one per manifest row."""
         file = self.path / f"{name}.npy"
         if not file.exists():
             raise BrainVAEError(f"{self.path}: this store has no {name} masks")
-        return np.load(file, mmap_mode="r")
+        try:
+            array = np.load(file, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:  # truncated, or not a .npy file
+            raise InputFileError(file, f"not a readable .npy array ({exc}); prepare the store again") from None
+        if array.ndim != 3 or len(array) != len(self.manifest):
+            raise InputFileError(file, f"holds an array of shape {array.shape}, but manifest.csv lists "
+                                       f"{len(self.manifest)} slices; prepare the store again")
+        return array
 
     @property
     def images(self) -> np.ndarray:
@@ -164,3 +193,17 @@ class SliceStore:
 
     def __len__(self) -> int:
         return len(self.manifest)
+
+    def fingerprint(self) -> str:
+        """Identifies the store's content cheaply: SHA-256 of its tables and prep config (the manifest carries
+        every source volume's checksum) and of 8 evenly spaced slices. A moved store keeps it; a store
+        prepared from other volumes or with other settings gets another."""
+        digest = hashlib.sha256()
+        for name in ("manifest.csv", "subjects.csv", "prepare.toml"):
+            if (self.path / name).exists():
+                digest.update((self.path / name).read_bytes())
+        images = self.images
+        digest.update(repr(images.shape).encode())
+        for i in np.linspace(0, len(images) - 1, num=min(8, len(images)), dtype=int):
+            digest.update(np.ascontiguousarray(images[i]).tobytes())
+        return digest.hexdigest()

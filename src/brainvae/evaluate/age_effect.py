@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .stats import bootstrap_ci
+
 AGES = (25, 35, 45, 55, 65, 75, 85)
 PER_AGE = 32  # samples per age (half female, half male when the model takes sex)
 POSITION = 0.5  # slice position (fraction of the brain's extent) of samples and real slices
@@ -68,26 +70,11 @@ def line_fit(age: np.ndarray, value: np.ndarray) -> tuple[float, float]:
 
 def bootstrap_slope(age: np.ndarray, value: np.ndarray, groups: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the slope per decade, resampling whole groups (subjects) with replacement.
-
-    The cluster bootstrap (e.g. Field & Welsh 2007, "Bootstrapping clustered
-    data"): each replicate draws as many subjects as there are, with
-    replacement, and refits the line to all their slices.
-    """
-    age, value, groups = np.asarray(age, float), np.asarray(value, float), np.asarray(groups)
-    names, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(names))]
-    rng = np.random.default_rng(seed)
-    slopes = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(names), len(names))])
-        slopes[b] = line_fit(age[idx], value[idx])[0]
-    slopes = slopes[np.isfinite(slopes)]
-    if len(slopes) == 0:
-        return float("nan"), float("nan")
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(slopes, [tail, 100 - tail])
-    return float(lo), float(hi)
+    """Percentile interval of the slope per decade, resampling whole groups (subjects) with replacement
+    (``stats.bootstrap_ci``: each replicate refits the line to all the slices of the drawn subjects)."""
+    age, value = np.asarray(age, float), np.asarray(value, float)
+    return bootstrap_ci(lambda rows: line_fit(age[rows], value[rows])[0], groups, n_boot=n_boot, level=level,
+                        seed=seed)
 
 
 def compare_age_effect(sample_age: np.ndarray, sample_csf: np.ndarray, real_age: np.ndarray, real_csf: np.ndarray,

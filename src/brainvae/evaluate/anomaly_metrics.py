@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from .stats import bootstrap_ci
+
 
 def _xy(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, np.float64).ravel()
@@ -93,16 +95,13 @@ def slice_scores(score: np.ndarray, brain: np.ndarray, top: float = 0.01) -> np.
     return np.where(counts > 0, vals.sum(1) / k, 0.0)
 
 
-def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of the finite ``values`` with a percentile bootstrap interval over them (cases)."""
+def case_mean_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of the finite ``values`` (one per case) with a percentile bootstrap interval over cases."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
     if len(v) == 0:
         return {"mean": None, "ci95": [None, None], "n": 0}
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    return {"mean": float(v.mean()), "ci95": [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))],
-            "n": int(len(v))}
+    low, high = bootstrap_ci(lambda rows: v[rows].mean(), np.arange(len(v)), n_boot=n_boot, level=level, seed=seed)
+    return {"mean": float(v.mean()), "ci95": [low, high], "n": int(len(v))}
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -156,7 +155,7 @@ def evaluate_score(score: np.ndarray, lesion: np.ndarray, brain: np.ndarray, cas
             "lesion_pixels": int(t_test[k].sum()),
             "slices": int(k.sum()),
         }
-    means = {m: bootstrap_ci([v[m] for v in per_case.values()], n_boot, seed) for m in ("auroc", "auprc", "dice")}
+    means = {m: case_mean_ci([v[m] for v in per_case.values()], n_boot, seed) for m in ("auroc", "auprc", "dice")}
     for m in means.values():
         m["mean"] = _r(m["mean"])
         m["ci95"] = [_r(x) for x in m["ci95"]]

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
-from .features import resize
+from ..data.resize import resize_images
 
 STEPS = 300
 BATCH_SIZE = 64
@@ -86,8 +86,8 @@ def c2st(a: np.ndarray, b: np.ndarray, *, seed: int = 0, steps: int = STEPS, bat
          groups_a: np.ndarray | None = None, groups_b: np.ndarray | None = None) -> dict:
     """Held-out accuracy and ROC AUC of a CNN trained to tell slices ``a`` from slices ``b``.
 
-    a: (N, H, W), b: (M, H, W) float32 in [0, 1] (resized to ``size`` px by area
-    averaging when given). min(N, M) slices of each set are used (classes
+    a: (N, H, W), b: (M, H, W) float32 in [0, 1] (resized to ``size`` px when given,
+    ``data.resize``). min(N, M) slices of each set are used (classes
     balanced), each set is split in halves (``split_halves``; by group when
     groups are given), the classifier trains ``steps`` AdamW steps (batches of
     ``batch_size``, half-and-half in expectation, cosine schedule; at most
@@ -120,7 +120,7 @@ def c2st(a: np.ndarray, b: np.ndarray, *, seed: int = 0, steps: int = STEPS, bat
         raise ValueError(f"c2st: halves too small to train and test ({n_train} / {n_test} slices per class)")
 
     def images(x: np.ndarray, rows: np.ndarray) -> torch.Tensor:  # (n, 1, S, S)
-        return resize(x[np.sort(rows)], size) if size else torch.from_numpy(x[np.sort(rows)])[:, None]
+        return resize_images(x[np.sort(rows)], size or x.shape[-1])
 
     x_train = torch.cat([images(a, pick_a[train_a[:n_train]]), images(b, pick_b[train_b[:n_train]])])  # (2n, 1, S, S)
     x_test = torch.cat([images(a, pick_a[test_a[:n_test]]), images(b, pick_b[test_b[:n_test]])])

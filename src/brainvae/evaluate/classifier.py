@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .features import resize
 
 
 @dataclass(frozen=True)
@@ -83,20 +82,6 @@ class SliceCNN(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.features(x)  # (B, C)
         return {h.name: self.out[h.name](f)[:, 0] if not h.classes else self.out[h.name](f) for h in self.heads}
-
-
-def resize_slices(images: np.ndarray, rows: np.ndarray | None = None, size: int = 64, chunk: int = 512) -> np.ndarray:
-    """Rows of an (N, H, W) array (a memory map is fine) resized to (n, size, size) float32.
-
-    Area averaging when shrinking (anti-aliased), bilinear when enlarging.
-    """
-    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    out = np.empty((len(rows), size, size), np.float32)
-    order = np.argsort(rows)  # sorted reads are sequential on a memory map
-    for start in range(0, len(rows), chunk):
-        sel = order[start:start + chunk]
-        out[sel] = resize(np.ascontiguousarray(images[rows[sel]], dtype=np.float32), size)[:, 0].numpy()
-    return out
 
 
 def _head_losses(net: SliceCNN, out: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:

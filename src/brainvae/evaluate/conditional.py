@@ -10,7 +10,10 @@ selected on the VALIDATION split, and cached. They are then applied
   from the test manifest rows: how well the requested values can be read back.
 
 The ratio sample / real for age Pearson r and for sex accuracy says how much of
-the readable signal the generator reproduces (the goal: >= 0.9). This is the
+the readable signal the generator reproduces (the goal: >= 0.9), provided the
+ceiling itself is significantly above chance with test SUBJECTS as the unit
+(``ceiling_tests``); on a few subjects it is not, and the verdict is "not
+measurable" rather than a ratio of noise. This is the
 "classifier-based conditional evaluation" used for conditional GANs (e.g.
 Ravuri & Vinyals 2019, "Classification Accuracy Score for Conditional
 Generative Models", who train on real data and score samples).
@@ -32,15 +35,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
-from ..data.dataset import SEX_CODE
+from ..conditions import SEX_CODE, conditions_of, sex_classes
+from ..data.resize import read_resized, resize_images
 from ..data.store import SliceStore
 from ..io.atomic import atomic_write_bytes
-from .classifier import Head, SliceCNN, TrainSettings, predict, resize_slices, train_cnn
+from .classifier import Head, SliceCNN, TrainSettings, predict, train_cnn
 from .features import cache_dir, home_cache_dir
+from .stats import ALPHA, p_accuracy, p_correlation
 
 PREDICTOR_VERSION = 2  # bump when SliceCNN or the training recipe changes: invalidates caches
-HEADS = (Head("age"), Head("sex", classes=2))  # sex classes: 0 = F, 1 = M
-SEX_CLASS = {"F": 0, "M": 1}
+HEADS = (Head("age"), Head("sex", classes=2))  # sex classes: conditions.SEX_CLASS (0 = F, 1 = M)
 GOAL = 0.9
 
 
@@ -59,11 +63,6 @@ class PredictorConfig:
 
 
 # --- labels -----------------------------------------------------------------------------------------------------
-
-def sex_classes(sex: pd.Series) -> np.ndarray:
-    """'M'/'F' -> 1/0, anything else -> -1 (missing): (N,) int64."""
-    return sex.map(SEX_CLASS).fillna(-1).to_numpy(dtype=np.int64)
-
 
 def _targets(manifest: pd.DataFrame, rows: np.ndarray) -> dict[str, np.ndarray]:
     m = manifest.iloc[rows]
@@ -122,7 +121,7 @@ def load_or_train_predictor(store: SliceStore | str | Path, cfg: PredictorConfig
     m = store.manifest
     train_rows, val_rows = store.indices("train"), store.indices("val")
     size = cfg.image_size
-    x_train, x_val = resize_slices(store.images, train_rows, size), resize_slices(store.images, val_rows, size)
+    x_train, x_val = read_resized(store.images, train_rows, size), read_resized(store.images, val_rows, size)
     settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              eval_every=cfg.eval_every, seed=cfg.seed)
     net, train_info = train_cnn(x_train, _targets(m, train_rows), HEADS, settings, x_val, _targets(m, val_rows),
@@ -164,6 +163,35 @@ def _scores(pred: dict[str, np.ndarray], target: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def ceiling_tests(pred: dict[str, np.ndarray], target: dict[str, np.ndarray], subjects: np.ndarray) -> dict:
+    """Is the real-data ceiling significantly above chance, with SUBJECTS as the unit (their slices are not
+    independent)? One-sided tests at ``stats.ALPHA``:
+
+    * age: Pearson r between each subject's age and the mean age predicted over its slices, t-test of r > 0
+      (``stats.p_correlation``);
+    * sex: each subject's sex read as the majority vote of its slices (a tie counts as wrong), binomial test of
+      the share of subjects read right > 0.5 (``stats.p_accuracy``).
+
+    pred / target as in ``_scores``, over slices whose subjects are ``subjects`` (N,). Returns
+    {"age_r" | "sex_accuracy": {"subject_value", "n_subjects", "p", "above_chance"}}.
+    """
+    from scipy.stats import pearsonr
+
+    slices = pd.DataFrame({"subject": subjects, "age": target["age"], "predicted_age": pred["age"],
+                           "sex": target["sex"], "sex_right": pred["sex"].argmax(1) == target["sex"]})
+    ages = slices[np.isfinite(slices["age"])].groupby("subject")[["age", "predicted_age"]].mean()  # (subjects, 2)
+    age_r = (pearsonr(ages["age"], ages["predicted_age"])[0]
+             if len(ages) >= 3 and np.ptp(ages["age"]) > 0 and np.ptp(ages["predicted_age"]) > 0 else None)
+    sex_right = slices[slices["sex"] >= 0].groupby("subject")["sex_right"].mean() > 0.5  # (subjects,) majority
+    sex_accuracy = float(sex_right.mean()) if len(sex_right) else None
+    tests = {"age_r": (age_r, len(ages), p_correlation), "sex_accuracy": (sex_accuracy, len(sex_right), p_accuracy)}
+    out = {}
+    for key, (value, n, test) in tests.items():
+        p = 1.0 if value is None else test(value, n)
+        out[key] = {"subject_value": _finite(value), "n_subjects": int(n), "p": p, "above_chance": p < ALPHA}
+    return out
+
+
 def _ratio(sample: float | None, real: float | None) -> float | None:
     return None if sample is None or real is None or real <= 0 else round(sample / real, 4)
 
@@ -198,16 +226,14 @@ def sample_rows(model, rows: pd.DataFrame, seed: int, *, size: int | None = None
     from ..generate import sample_images
 
     keys = tuple(model.config.conditions)
-    values = {"age": rows["age"].to_numpy(dtype=float),
-              "sex": rows["sex"].map(SEX_CODE).fillna(0.0).to_numpy(dtype=float),
-              "position": rows["position"].to_numpy(dtype=float)}
+    values = conditions_of(rows)  # {key: (n,)}
     model = model.for_inference()  # once: sample_images then reuses it for every batch
     out = []
     for b, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False)):
         stop = min(start + batch_size, len(rows))
         cond = {k: values[k][start:stop] for k in keys}  # (b,) per condition
         images = sample_images(model, stop - start, cond or None, seed + b, batch_size=batch_size)  # (b, H, W)
-        out.append(images if size is None else resize_slices(images, None, size))
+        out.append(images if size is None else resize_images(images, size)[:, 0].numpy())
     side = size or model.config.image_size
     return np.concatenate(out) if out else np.empty((0, side, side), np.float32)
 
@@ -225,16 +251,22 @@ def conditional_fidelity(model, store: SliceStore | str | Path, *, n: int = 1000
          "samples": {"n_slices", same scores (only for the conditions the model takes)},
          "ratio":   {"age_r": samples / real, "sex_accuracy": samples / real},
          "ratio_above_chance": {"sex_accuracy": (samples - 0.5) / (real - 0.5)},
-         "meets_goal": {"age_r": bool, "sex_accuracy": bool}}
+         "ceiling_test": {"age_r" | "sex_accuracy": {"subject_value", "n_subjects", "p", "above_chance"}},
+         "meets_goal": {"age_r": bool | None, "sex_accuracy": bool | None},
+         "not_measurable": {key: why}}   # the keys whose meets_goal is None
 
-    Scores are None where undefined (a condition the model lacks, a single class).
+    Scores are None where undefined (a condition the model lacks, a single class). ``meets_goal`` is None
+    (not measurable) where the real-data ceiling is not significantly above chance (``ceiling_tests``).
     """
     store = store if isinstance(store, SliceStore) else SliceStore(store)
     net, info = load_or_train_predictor(store, predictor, progress=progress)
     m = store.manifest
     test_rows = store.indices("test")
-    real = _scores(predict(net, resize_slices(store.images, test_rows, predictor.image_size)), _targets(m, test_rows))
-    real = {"n_slices": int(len(test_rows)), "n_subjects": int(m["subject"].iloc[test_rows].nunique()), **real}
+    real_pred = predict(net, read_resized(store.images, test_rows, predictor.image_size))
+    real_target = _targets(m, test_rows)
+    real = {"n_slices": int(len(test_rows)), "n_subjects": int(m["subject"].iloc[test_rows].nunique()),
+            **_scores(real_pred, real_target)}
+    ceiling = ceiling_tests(real_pred, real_target, m["subject"].to_numpy()[test_rows])
 
     keys = tuple(model.config.conditions)
     asked = tuple(k for k in ("age", "sex") if k in keys)
@@ -250,6 +282,10 @@ def conditional_fidelity(model, store: SliceStore | str | Path, *, n: int = 1000
     # accuracy is 0.5 by chance, so the plain ratio flatters; the ratio of the margins above chance does not
     margin = {"sex_accuracy": _ratio(None if samples.get("sex_accuracy") is None else samples["sex_accuracy"] - 0.5,
                                      None if real.get("sex_accuracy") is None else real["sex_accuracy"] - 0.5)}
+    not_measurable = {k: f"the real-data ceiling is not significantly above chance over {t['n_subjects']} test "
+                         f"subjects (one-sided p = {t['p']:.2g}, needs < {ALPHA})"
+                      for k, t in ceiling.items() if not t["above_chance"]}
     return {"n": int(n), "seed": int(seed), "conditions": list(keys), "goal": GOAL, "predictor": info,
-            "real": real, "samples": samples, "ratio": ratio, "ratio_above_chance": margin,
-            "meets_goal": {k: (v is not None and v >= GOAL) for k, v in ratio.items()}}
+            "real": real, "samples": samples, "ratio": ratio, "ratio_above_chance": margin, "ceiling_test": ceiling,
+            "meets_goal": {k: None if k in not_measurable else (v is not None and v >= GOAL) for k, v in ratio.items()},
+            "not_measurable": not_measurable}

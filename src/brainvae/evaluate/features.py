@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ..data.resize import resize_images
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, InputFileError
 from ..io.atomic import atomic_path
@@ -77,17 +78,6 @@ class FeatNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = self.features(x)
         return f, torch.sigmoid(self.position(f))[:, 0], self.degradation(f)
-
-
-def resize(images, size: int) -> torch.Tensor:
-    """(n, H, W) array or (n, 1, H, W) tensor -> (n, 1, size, size) float32 (area down, bilinear up)."""
-    x = torch.tensor(np.asarray(images, np.float32)) if not torch.is_tensor(images) else images.float()
-    x = x if x.dim() == 4 else x[:, None]
-    if x.shape[-1] == size:
-        return x
-    if x.shape[-1] > size:
-        return F.interpolate(x, size=(size, size), mode="area")
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -181,7 +171,7 @@ def train_featnet(store: SliceStore, cfg: FeatNetConfig, progress: bool = True) 
     log = {}
     for step in tqdm(range(cfg.steps), desc="feature net", unit="step", disable=not progress):
         batch = np.sort(rng.choice(rows, size=min(cfg.batch_size, len(rows)), replace=len(rows) < cfg.batch_size))
-        x = resize(np.ascontiguousarray(images[batch]), FEATNET_SIZE)
+        x = resize_images(np.ascontiguousarray(images[batch]), FEATNET_SIZE)
         pos = torch.from_numpy(np.nan_to_num(positions[batch], nan=0.5))
         labels = torch.randint(0, len(DEGRADATIONS), (len(batch),), generator=g)
         _, pred_pos, logits = net(degrade(x, labels, g))
@@ -226,7 +216,7 @@ def featnet_features(net: FeatNet, images: np.ndarray, batch_size: int = 256) ->
     """(n, H, W) -> features (n, 128) and predicted positions (n,)."""
     feats, pos = [], []
     for start in range(0, len(images), batch_size):
-        f, p, _ = net(resize(images[start:start + batch_size], FEATNET_SIZE))
+        f, p, _ = net(resize_images(images[start:start + batch_size], FEATNET_SIZE))
         feats.append(f.double().numpy())
         pos.append(p.double().numpy())
     return np.concatenate(feats), np.concatenate(pos)

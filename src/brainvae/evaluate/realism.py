@@ -137,12 +137,10 @@ def diversity(images: np.ndarray, pairs: int = 500, seed: int = 0) -> float:
 
 
 def thumbnails(images: np.ndarray, size: int = 32) -> np.ndarray:
-    """(n, H, W) -> (n, size * size) by block averaging (H a multiple of size) or area resizing."""
-    import torch
-    from torch.nn import functional as F
+    """(n, H, W) -> (n, size * size), resized as ``data.resize`` does (block means when H is a multiple of size)."""
+    from ..data.resize import resize_images
 
-    t = torch.as_tensor(np.asarray(images, np.float32))[:, None]
-    return F.interpolate(t, size=(size, size), mode="area")[:, 0].reshape(len(t), -1).numpy()
+    return resize_images(images, size).reshape(len(images), -1).numpy()
 
 
 def nearest_by_ssim(queries: np.ndarray, train_thumbs: np.ndarray, train_images: Callable[[np.ndarray], np.ndarray],

@@ -10,7 +10,7 @@ the same distance between ``n`` real training slices and the same test slices
 (different subjects, since splits are by subject), and the ratio model / floor:
 a ratio near 1 means the samples are as close to the test set as other real
 slices are. All images are compared at the model's size (store slices are
-area-resized like ``SliceBatches`` does).
+resized as ``SliceBatches`` feeds the model: ``data.resize``).
 
 The classifier two-sample test (``c2st``: can a small CNN tell samples from
 real test slices?) has the same floor: the same test between the ``n`` real
@@ -26,16 +26,17 @@ and figures, atomically; an existing OUT is refused unless ``force``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from .. import generate as G
-from ..data.dataset import SEX_CODE
+from ..conditions import SEX_CODE, conditions_of
+from ..data.resize import read_resized, resize_masks
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
@@ -53,28 +54,6 @@ FIG_COLUMNS = 8
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_rows(store: SliceStore, rows: np.ndarray, size: int, name: str = "images", chunk: int = 512) -> np.ndarray:
-    """Store rows (in the given order) resized to ``size`` px by area averaging, (len(rows), size, size) float32."""
-    rows = np.asarray(rows)
-    out = np.empty((len(rows), size, size), np.float32)
-    arr = store.array(name)
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        order = np.argsort(part)  # sorted reads from the memory map
-        block = np.ascontiguousarray(arr[part[order]], dtype=np.float32)
-        if block.shape[-1] != size:  # area resizing in both directions, as SliceBatches feeds the model
-            block = F.interpolate(torch.from_numpy(block)[:, None], size=(size, size), mode="area")[:, 0].numpy()
-        out[start + order] = block
-    return out
-
-
-def conditions_of(store: SliceStore, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Manifest conditions of store rows in user units: age (years, NaN unknown), sex (+1/-1/0), position."""
-    m = store.manifest.iloc[rows]
-    return {"age": np.array(m["age"], dtype=float), "sex": np.array(m["sex"].map(SEX_CODE).fillna(0.0), dtype=float),
-            "position": np.array(m["position"], dtype=float)}
 
 
 @torch.no_grad()
@@ -112,18 +91,12 @@ def paired(model: dict, floor: dict) -> dict:
 
 
 def summary_rows(metrics: dict) -> list[dict]:
-    """The metric | model | floor | ratio table printed by the CLI."""
-    rows = []
-    for space, d in metrics["realism"].items():
-        for key in ("fd", "kid", "precision", "recall", "density", "coverage"):
-            if key in d:
-                rows.append({"metric": f"{space} {key}", "model": d[key]["value"], "floor": d[key]["floor"],
-                             "ratio": d[key]["ratio"]})
-    for group, keys in (("c2st", ("accuracy", "auc")), ("histogram", ("wasserstein", "js")),
-                        ("diversity", ("ms_ssim",)), ("memorisation", ("share_above",))):
-        for key in keys:
-            v = metrics[group][key]
-            rows.append({"metric": f"{group} {key}", "model": v["value"], "floor": v["floor"], "ratio": v["ratio"]})
+    """The metric | model | floor | ratio table printed by the CLI: every number measured beside a floor (the
+    ``paired`` entries), the age effect (its "floor" is the real slices' slope), the reconstruction (no floor)."""
+    paired = [(f"{space} {key}", v) for space, d in metrics["realism"].items() for key, v in d.items()]
+    paired += [(f"{group} {key}", v) for group in ("c2st", "histogram", "diversity", "memorisation")
+               for key, v in metrics[group].items() if isinstance(v, dict) and "floor" in v]
+    rows = [{"metric": name, "model": v["value"], "floor": v["floor"], "ratio": v["ratio"]} for name, v in paired]
     age = metrics.get("age_effect", {})
     if "sample_slope" in age:  # the "floor" of this row is the real slices' slope
         rows.append({"metric": "age CSF slope/decade (floor=real)", "model": age["sample_slope"],
@@ -195,10 +168,10 @@ def age_effect_section(model, store: SliceStore, seed: int) -> tuple[dict, dict 
                            f"{A.POSITION} ± {A.WINDOW} ({len(np.unique(subjects))})"}, None
     size = model.config.image_size
     real_age = m["age"].to_numpy(dtype=float)[rows]
-    real_csf = A.csf_fraction(load_rows(store, rows, size))  # (m,)
+    real_csf = A.csf_fraction(read_resized(store.images, rows, size))  # (m,)
 
     ages = np.repeat(np.asarray(A.AGES, float), A.PER_AGE)  # (n,)
-    cond = {"age": ages, "sex": np.resize([-1.0, 1.0], len(ages)), "position": A.POSITION}
+    cond = {"age": ages, "sex": np.resize([SEX_CODE["F"], SEX_CODE["M"]], len(ages)), "position": A.POSITION}
     images = G.sample_images(model, len(ages), {k: v for k, v in cond.items() if k in conds}, seed)  # (n, S, S)
     sample_csf = A.csf_fraction(images)
     result = A.compare_age_effect(ages, sample_csf, real_age, real_csf, subjects, seed=seed)
@@ -213,33 +186,45 @@ def age_effect_section(model, store: SliceStore, seed: int) -> tuple[dict, dict 
 
 def _image_rows(path: Path, rows: list[np.ndarray], row_labels: list[str], col_labels: list[str] | None = None,
                 title: str = "", cmaps: list[str] | None = None, vmaxes: list[float] | None = None) -> None:
-    """A labelled grid figure, one list entry per row of (k, H, W) images, drawn as one RGB mosaic (fast)."""
+    """A labelled grid figure, one list entry per row of (k, H, W) images, drawn as one RGB mosaic (fast).
+
+    Row i maps 0..``vmaxes[i]`` (default 1) through ``cmaps[i]`` (default grey); a row in another colour map
+    (a score map) gets a colour bar at its right."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
+    cmaps, vmaxes = cmaps or ["gray"] * len(rows), vmaxes or [1.0] * len(rows)
     h, w = rows[0].shape[-2:]
     pad = max(2, h // 16)
     ncol = max(len(r) for r in rows)
-    canvas = np.ones((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), np.float32)
+    canvas = np.ones((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), np.float32)  # (rows, cols, RGB)
     for i, images in enumerate(rows):
-        cmap = plt.get_cmap((cmaps or ["gray"] * len(rows))[i])
-        vmax = (vmaxes or [1.0] * len(rows))[i]
+        cmap = plt.get_cmap(cmaps[i])
         for j, img in enumerate(images):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y:y + h, x:x + w] = cmap(np.clip(img / vmax, 0, 1))[..., :3]
-    scale = max(1.0, 96 / h)  # at least ~1 inch per image
+            canvas[y:y + h, x:x + w] = cmap(np.clip(img / vmaxes[i], 0, 1))[..., :3]
+    bars = [i for i, cmap in enumerate(cmaps) if cmap != "gray"]
+    unit = max(1.0, 96 / h) / 100  # inches per mosaic pixel: at least ~1 inch per image
     top = 0.55 if title else 0.3  # inches for the title and the column labels
-    fig = plt.figure(figsize=(canvas.shape[1] * scale / 100 + 1.4, canvas.shape[0] * scale / 100 + top + 0.1))
-    ax = fig.add_axes((1.3 / fig.get_figwidth(), 0.1 / fig.get_figheight(), 1 - 1.4 / fig.get_figwidth(),
-                       1 - (top + 0.1) / fig.get_figheight()))
+    left, right = 1.3, (0.9 if bars else 0.1)  # inches for the row labels, and for the colour bars
+    fw, fh = canvas.shape[1] * unit + left + right, canvas.shape[0] * unit + top + 0.1
+    fig = plt.figure(figsize=(fw, fh))
+    ax = fig.add_axes((left / fw, 0.1 / fh, canvas.shape[1] * unit / fw, canvas.shape[0] * unit / fh))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
     for i, label in enumerate(row_labels):
         ax.text(-pad, pad + i * (h + pad) + h / 2, label, ha="right", va="center", fontsize=8)
     for j, label in enumerate(col_labels or []):
         ax.text(pad + j * (w + pad) + w / 2, pad / 2, label, ha="center", va="bottom", fontsize=7)
+    for i in bars:
+        bottom = fh - top - (pad + i * (h + pad) + h) * unit  # inches from the figure's bottom to row i's
+        cax = fig.add_axes(((left + canvas.shape[1] * unit + 0.1) / fw, bottom / fh, 0.12 / fw, h * unit / fh))
+        fig.colorbar(ScalarMappable(Normalize(0, vmaxes[i]), cmaps[i]), cax=cax)
+        cax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100)
@@ -275,7 +260,7 @@ def fig_reconstructions(path: Path, real: np.ndarray, recon: np.ndarray, positio
     cols = _spread(positions, FIG_COLUMNS)
     resid = np.abs(real[cols] - recon[cols])
     vmax = max(float(resid.max()), 1e-3)
-    _image_rows(path, [real[cols], recon[cols], resid], ["original", "reconstruction", f"|residual|\n(0 to {vmax:.2f})"],
+    _image_rows(path, [real[cols], recon[cols], resid], ["original", "reconstruction", "|residual|"],
                 [f"pos {positions[i]:.2f}" for i in cols], cmaps=["gray", "gray", "magma"], vmaxes=[1.0, 1.0, vmax])
 
 
@@ -306,12 +291,12 @@ def fig_histograms(path: Path, hists: dict[str, np.ndarray]) -> None:
 def age_sex_images(model, seed: int, ages=AGES) -> np.ndarray:
     """(2, len(ages), H, W): rows F, M; one latent (same seed) for every cell; position 0.5 if conditioned."""
     out = np.zeros((2, len(ages), model.config.image_size, model.config.image_size), np.float32)
-    for i, sex in enumerate((-1.0, 1.0)):
+    for i, sex in enumerate((SEX_CODE["F"], SEX_CODE["M"])):
         for j, age in enumerate(ages):
             cond = {k: v for k, v in {"age": float(age), "sex": sex, "position": 0.5}.items()
                     if k in model.config.conditions}
             g = torch.Generator(device=model.device).manual_seed(seed)
-            out[i, j] = model.sample(1, cond, g).float().clamp(0, 1)[0, 0].cpu().numpy()
+            out[i, j] = model.generate(1, cond, g).float().clamp(0, 1)[0, 0].cpu().numpy()
     return out
 
 
@@ -328,88 +313,67 @@ def interpolation_pair(store: SliceStore, test_rows: np.ndarray) -> tuple[int, i
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Path | None = None, n: int = 1000,
-                 seed: int = 0, extractor: str | Path | None = None, force: bool = False, progress: bool = True,
-                 featnet_steps: int | None = None, predictor_steps: int | None = None,
-                 device: str | torch.device = "cpu", c2st_steps: int | None = None, sampler: dict | None = None) -> dict:
-    """Evaluate a run against a store's test split; writes OUT (default RUN/eval) and returns metrics.json's dict.
+@dataclass
+class EvalSets:
+    """The real slices an evaluation compares with (store rows and images at the model's size)."""
 
-    metrics.json keys:
-      run, store, arch, image_size, conditions, n (slices per set), n_requested, seed,
-      sampling            how samples were conditioned
-      feature_net         cache path, trained_now, objective, config, test position MAE
-      realism             {space: {fd|kid|precision|recall|density|coverage: {value, floor, ratio[, std, floor_std]}}}
-                          for spaces featnet, radiomics, pca64 and extractor (with --extractor)
-      c2st                classifier two-sample test, samples vs real test (floor: real train vs real test):
-                          {accuracy|auc: {value, floor, ratio}, n_train, n_test (per class), floor_n_train,
-                          floor_n_test, steps, split_by_subject, floor_sets}; 0.5 = cannot be told apart
-      age_effect          (age-conditioned models) CSF fraction vs age: {sample_slope, real_slope, real_ci,
-                          within_ci, n_real_subjects, ...} (per decade); {"skipped": why} for other models
-                          or too few real subjects
-      histogram           {wasserstein|js|intersection: {value, floor, ratio}}
-      diversity           {ms_ssim: {value (samples), floor (real test), ratio}, pairs}
-      memorisation        {share_above, nn_ssim_mean: {value, floor, ratio}, threshold_ssim, quantile, k, closest_pairs}
-      reconstruction      {n, brain|background: {mse|psnr|ssim|ms_ssim: {mean, std}}}
-      conditional         conditional fidelity (age+sex models; a "skipped" note when unavailable), else absent
-      summary             [{metric, model, floor, ratio}], figures, provenance
-    """
-    run = Path(run)
-    store = store if isinstance(store, SliceStore) else SliceStore(store)
-    out = Path(out) if out is not None else RunDir.resolve(run).output("eval")
-    if out.exists() and not force:
-        raise OutputExistsError(out)
-    test_rows, train_rows = store.indices("test"), store.indices("train")
-    for split, rows in (("test", test_rows), ("train", train_rows)):
+    split: str  # the real set the samples are measured against: "test" (report) or "val" (tuning)
+    eval_rows: np.ndarray  # all rows of that split
+    train_rows: np.ndarray  # all training rows (the floor's sets and the memorisation search)
+    eval_sel: np.ndarray  # (m,) drawn rows of the split, sorted
+    train_sel: np.ndarray  # (m,) drawn training rows, sorted
+    real: np.ndarray  # (m, S, S) slices of eval_sel
+    train: np.ndarray  # (m, S, S) slices of train_sel
+    brain: np.ndarray  # (m, S, S) bool brain masks of eval_sel
+    cond: dict  # conditions of eval_sel in user units (conditions_of)
+
+
+def check_splits(store: SliceStore, split: str, n: int) -> None:
+    """Refuse a split name, a store without enough ``split`` / training slices, or n < 2 (before any work)."""
+    if split not in ("test", "val"):
+        raise BrainVAEError(f"evaluate measures against the test or val split, not {split!r}")
+    eval_rows, train_rows = store.indices(split), store.indices("train")
+    for name, rows in ((split, eval_rows), ("train", train_rows)):
         if len(rows) < 2:
-            raise BrainVAEError(f"{store.path}: the store's {split} split has {len(rows)} slices; evaluation needs "
-                                "real test slices and training slices (prepare the store with a train/val/test split)")
+            raise BrainVAEError(f"{store.path}: the store's {name} split has {len(rows)} slices; evaluation needs "
+                                f"real {split} slices and training slices (prepare the store with a train/val/test "
+                                "split)")
     if n < 2:
         raise BrainVAEError(f"-n must be at least 2, got {n}")
-    model = G.load(run, device=device).configure_sampler(**(sampler or {}))  # e.g. ldm steps / guidance
-    ext = Fe.TorchScriptExtractor(extractor) if extractor is not None else None
-    size = model.config.image_size
-    conds = tuple(model.config.conditions)
-    steps = ["load slices", "sample", "reconstruct", "feature net", "features", "distances", "c2st", "age effect",
-             "memorisation", "figures", "write"]
-    bar = tqdm(total=len(steps), desc="evaluate", unit="stage", disable=not progress)
 
-    def stage(name: str) -> None:
-        bar.set_postfix_str(name)
 
-    stage(steps[0])
+def load_sets(store: SliceStore, split: str, n: int, seed: int, size: int) -> EvalSets:
+    """min(n, split size, train size) slices of ``split`` and as many training slices, drawn with ``seed``."""
+    eval_rows, train_rows = store.indices(split), store.indices("train")
     rng = np.random.default_rng(seed)
-    m = min(n, len(test_rows), len(train_rows))
-    test_sel = np.sort(rng.choice(test_rows, m, replace=False))  # store rows
+    m = min(n, len(eval_rows), len(train_rows))
+    eval_sel = np.sort(rng.choice(eval_rows, m, replace=False))
     train_sel = np.sort(rng.choice(train_rows, m, replace=False))
-    real = load_rows(store, test_sel, size)  # (m, S, S)
-    train = load_rows(store, train_sel, size)
-    brain = load_rows(store, test_sel, size, name="brain") > 0.5
-    test_cond = conditions_of(store, test_sel)
-    bar.update()
+    return EvalSets(split, eval_rows, train_rows, eval_sel, train_sel, read_resized(store.images, eval_sel, size),
+                    read_resized(store.images, train_sel, size), resize_masks(store.array("brain")[eval_sel], size),
+                    conditions_of(store.manifest.iloc[eval_sel]))
 
-    stage(steps[1])
-    cond = {k: test_cond[k] for k in conds} or None
-    samples = G.sample_images(model, m, cond, seed)  # sample i at the conditions of real slice i
-    bar.update()
 
-    stage(steps[2])
-    recon = reconstruct(model, real, cond)
-    rec = reconstruction_metrics(real, recon, brain)
+def reconstruction_section(model, sets: EvalSets, cond: dict | None) -> tuple[np.ndarray, dict, dict]:
+    """(reconstructions (m, S, S), per-slice metrics, metrics["reconstruction"])."""
+    recon = reconstruct(model, sets.real, cond)
+    rec = reconstruction_metrics(sets.real, recon, sets.brain)
     rec_summary = summarise(rec)
-    reconstruction = {"n": m, **{region: {k.rsplit("_", 1)[0]: v for k, v in rec_summary.items()
-                                          if k.endswith("_" + region)} for region in ("brain", "background")}}
-    bar.update()
+    section = {"n": len(sets.real), **{region: {k.rsplit("_", 1)[0]: v for k, v in rec_summary.items()
+                                                if k.endswith("_" + region)} for region in ("brain", "background")}}
+    return recon, rec, section
 
-    stage(steps[3])
-    net, info = Fe.load_or_train_featnet(store, Fe.FeatNetConfig(**({"steps": featnet_steps} if featnet_steps is not None
-                                                                    else {})), progress=progress)
-    bar.update()
 
-    stage(steps[4])
+def realism_section(store: SliceStore, sets: EvalSets, samples: np.ndarray, seed: int, ext, featnet_steps,
+                    progress: bool) -> dict:
+    """Distances of samples and of real training slices to the real set in every feature space, the intensity
+    histograms and MS-SSIM diversity; also the feature net's info and the featnet positions (for the figures)."""
+    cfg = Fe.FeatNetConfig(**({"steps": featnet_steps} if featnet_steps is not None else {}))
+    net, info = Fe.load_or_train_featnet(store, cfg, progress=progress)
+    real, train = sets.real, sets.train
     f_real, pos_real = Fe.featnet_features(net, real)
     f_samp, pos_samp = Fe.featnet_features(net, samples)
-    f_train, _ = Fe.featnet_features(net, train)
-    spaces = {"featnet": (f_real, f_samp, f_train)}
+    spaces = {"featnet": (f_real, f_samp, Fe.featnet_features(net, train)[0])}
     radi = [Fe.radiomics(x) for x in (real, samples, train)]
     std = Fe.Standardiser.fit(radi[2])
     spaces["radiomics"] = tuple(std(x) for x in radi)
@@ -417,103 +381,166 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     spaces["pca64"] = tuple(Fe.pca_features(pca, x) for x in (real, samples, train))
     if ext is not None:
         spaces["extractor"] = (ext(real), ext(samples), ext(train))
-    bar.update()
-
-    stage(steps[5])
     realism = {name: paired(R.feature_distances(r, s, seed=seed), R.feature_distances(r, t, seed=seed))
                for name, (r, s, t) in spaces.items()}
-    hists = {"real test": R.intensity_histogram(real), "real train": R.intensity_histogram(train),
+    hists = {f"real {sets.split}": R.intensity_histogram(real), "real train": R.intensity_histogram(train),
              "samples": R.intensity_histogram(samples)}
-    histogram = paired(R.histogram_distance(hists["real test"], hists["samples"]),
-                       R.histogram_distance(hists["real test"], hists["real train"]))
+    histogram = paired(R.histogram_distance(hists[f"real {sets.split}"], hists["samples"]),
+                       R.histogram_distance(hists[f"real {sets.split}"], hists["real train"]))
+    m = len(real)
     pairs = min(500, m * (m - 1) // 2)
     div_s, div_r = R.diversity(samples, pairs, seed), R.diversity(real, pairs, seed)
-    diversity = {"ms_ssim": {"value": div_s, "floor": div_r, "ratio": ratio(div_s, div_r)}, "pairs": pairs}
-    bar.update()
+    return {"realism": realism, "histogram": histogram, "hists": hists, "info": info, "pos_samp": pos_samp,
+            "diversity": {"ms_ssim": {"value": div_s, "floor": div_r, "ratio": ratio(div_s, div_r)}, "pairs": pairs},
+            "position_mae": float(np.mean(np.abs(pos_real - sets.cond["position"]))),
+            "extractor_dim": int(spaces["extractor"][0].shape[1]) if ext is not None else None}
 
-    stage(steps[6])
-    subject = store.manifest["subject"].to_numpy()
-    two_sample = c2st_section(samples, real, train, subject[test_sel], subject[train_sel], seed, c2st_steps)
-    bar.update()
 
-    stage(steps[7])
-    age_effect, age_points = age_effect_section(model, store, seed)
-    bar.update()
-
-    stage(steps[8])
+def memorisation_section(store: SliceStore, sets: EvalSets, samples: np.ndarray, size: int, k: int = 20) -> dict:
+    """Nearest training slice (SSIM) of every sample and of every real slice; the share of samples closer than
+    the real slices' 99th percentile, and the closest pairs (for the figure)."""
     thumb = min(32, size)
-    thumbs = load_rows(store, train_rows, thumb).reshape(len(train_rows), -1)  # (N_train, thumb * thumb)
+    train_rows = sets.train_rows
+    thumbs = read_resized(store.images, train_rows, thumb).reshape(len(train_rows), -1)  # (N_train, thumb * thumb)
 
     def train_images(idx: np.ndarray) -> np.ndarray:
-        return load_rows(store, train_rows[idx], size)
+        return read_resized(store.images, train_rows[idx], size)
 
-    k = 20
     s_idx, s_ssim = R.nearest_by_ssim(samples, thumbs, train_images, k=k, thumb_size=thumb)
-    _, t_ssim = R.nearest_by_ssim(real, thumbs, train_images, k=k, thumb_size=thumb)
+    _, t_ssim = R.nearest_by_ssim(sets.real, thumbs, train_images, k=k, thumb_size=thumb)
     mem = R.memorisation(s_ssim, t_ssim, quantile=99.0)
     closest = np.argsort(-s_ssim, kind="stable")[:FIG_COLUMNS]
-    manifest = store.manifest
-    memorisation = {
+    subjects = store.manifest["subject"].to_numpy()
+    section = {
         "share_above": {"value": mem["share_above"], "floor": mem["floor_share_above"],
                         "ratio": ratio(mem["share_above"], mem["floor_share_above"])},
         "nn_ssim_mean": {"value": mem["nn_ssim_mean"], "floor": mem["test_nn_ssim_mean"],
                          "ratio": ratio(mem["nn_ssim_mean"], mem["test_nn_ssim_mean"])},
         "threshold_ssim": mem["threshold_ssim"], "quantile": 99.0, "k": k,
         "closest_pairs": [{"sample": int(i), "train_row": int(train_rows[s_idx[i]]),
-                           "subject": str(manifest["subject"].iat[train_rows[s_idx[i]]]),
-                           "ssim": float(s_ssim[i])} for i in closest],
+                           "subject": str(subjects[train_rows[s_idx[i]]]), "ssim": float(s_ssim[i])} for i in closest],
     }
-    bar.update()
+    figure = {"samples": samples[closest], "nearest": train_images(s_idx[closest]), "ssim": s_ssim[closest],
+              "threshold": mem["threshold_ssim"]}
+    return {"section": section, "figure": figure}
+
+
+def write_figures(folder: Path, model, store: SliceStore, sets: EvalSets, samples: np.ndarray, recon: np.ndarray,
+                  pos_samp: np.ndarray, hists: dict, closest: dict, seed: int, age_effect: dict,
+                  age_points: dict | None) -> list[str]:
+    """The evaluation's figures in ``folder``; returns their file names."""
+    conds = set(model.config.conditions)
+    figures = ["real_vs_sample.png", "reconstructions.png", "closest_pairs.png", "histograms.png", "interpolation.png"]
+    fig_real_vs_sample(folder / figures[0], sets.real, sets.cond["position"], samples, pos_samp, "position" in conds)
+    fig_reconstructions(folder / figures[1], sets.real, recon, sets.cond["position"])
+    fig_closest_pairs(folder / figures[2], **closest)
+    fig_histograms(folder / figures[3], hists)
+    a, b = interpolation_pair(store, sets.eval_sel)
+    _image_rows(folder / figures[4], [G.interpolate(model, store, a, b, steps=FIG_COLUMNS)], ["interpolation"],
+                [f"t={t:.2f}" for t in np.linspace(0, 1, FIG_COLUMNS)],
+                title=f"latent interpolation between {sets.split} slices {a} and {b} (store rows)")
+    if {"age", "sex"} <= conds:
+        grid = age_sex_images(model, seed)
+        _image_rows(folder / "age_sex_grid.png", list(grid), ["F", "M"], [f"age {a}" for a in AGES],
+                    title="same latent (seed) at every age and sex" + (", position 0.5" if "position" in conds else ""))
+        figures.append("age_sex_grid.png")
+    if age_points is not None:
+        A.fig_age_effect(folder / "age_effect.png", age_effect, **age_points)
+        figures.append("age_effect.png")
+    return figures
+
+
+def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Path | None = None, n: int = 1000,
+                 seed: int = 0, extractor: str | Path | None = None, force: bool = False, progress: bool = True,
+                 featnet_steps: int | None = None, predictor_steps: int | None = None,
+                 device: str | torch.device = "cpu", c2st_steps: int | None = None, sampler: dict | None = None,
+                 split: str = "test") -> dict:
+    """Evaluate a run against a store's test split (``split="val"`` to tune); writes OUT (default RUN/eval, or
+    RUN/eval-val) and returns metrics.json's dict.
+
+    metrics.json keys:
+      run, store, arch, image_size, conditions, split, n (slices per set), n_requested, seed,
+      sampling            how samples were conditioned
+      feature_net         cache path, trained_now, objective, config, position MAE on the real set
+      realism             {space: {fd|kid|precision|recall|density|coverage: {value, floor, ratio[, std, floor_std]}}}
+                          for spaces featnet, radiomics, pca64 and extractor (with --extractor)
+      c2st                classifier two-sample test, samples vs real slices (floor: real train vs real):
+                          {accuracy|auc: {value, floor, ratio}, n_train, n_test (per class), floor_n_train,
+                          floor_n_test, steps, split_by_subject, floor_sets}; 0.5 = cannot be told apart
+      age_effect          (age-conditioned models) CSF fraction vs age: {sample_slope, real_slope, real_ci,
+                          within_ci, n_real_subjects, ...} (per decade); {"skipped": why} for other models
+                          or too few real subjects
+      histogram           {wasserstein|js|intersection: {value, floor, ratio}}
+      diversity           {ms_ssim: {value (samples), floor (real), ratio}, pairs}
+      memorisation        {share_above, nn_ssim_mean: {value, floor, ratio}, threshold_ssim, quantile, k, closest_pairs}
+      reconstruction      {n, brain|background: {mse|psnr|ssim|ms_ssim: {mean, std}}}
+      conditional         conditional fidelity (age+sex models; a "skipped" note when unavailable), else absent
+      summary             [{metric, model, floor, ratio}], figures, provenance
+    """
+    run = Path(run)
+    store = store if isinstance(store, SliceStore) else SliceStore(store)
+    out = Path(out) if out is not None else RunDir.resolve(run).output("eval" if split == "test" else f"eval-{split}")
+    if out.exists() and not force:
+        raise OutputExistsError(out)
+    check_splits(store, split, n)
+    model = G.load(run, device=device).configure_sampler(**(sampler or {}))  # e.g. ldm steps / guidance
+    ext = Fe.TorchScriptExtractor(extractor) if extractor is not None else None
+    size, conds = model.config.image_size, tuple(model.config.conditions)
+    stages = ["load slices", "sample", "reconstruct", "realism", "c2st", "age effect", "memorisation", "write"]
+    bar = tqdm(total=len(stages), desc="evaluate", unit="stage", disable=not progress)
+
+    def stage(index: int) -> None:
+        bar.n = index
+        bar.set_postfix_str(stages[index])
+
+    stage(0)
+    sets = load_sets(store, split, n, seed, size)
+    stage(1)
+    cond = {k: sets.cond[k] for k in conds} or None
+    samples = G.sample_images(model, len(sets.real), cond, seed)  # sample i at the conditions of real slice i
+    stage(2)
+    recon, rec, reconstruction = reconstruction_section(model, sets, cond)
+    stage(3)
+    real = realism_section(store, sets, samples, seed, ext, featnet_steps, progress)
+    stage(4)
+    subject = store.manifest["subject"].to_numpy()
+    two_sample = c2st_section(samples, sets.real, sets.train, subject[sets.eval_sel], subject[sets.train_sel], seed,
+                              c2st_steps)
+    stage(5)
+    age_effect, age_points = age_effect_section(model, store, seed)
+    stage(6)
+    mem = memorisation_section(store, sets, samples, size)
 
     metrics = {
         "run": str(run), "store": str(store.path), "arch": model.arch, "image_size": size, "conditions": list(conds),
-        "n": m, "n_requested": n, "seed": seed,
-        "sampling": ("conditions of the n real test slices (sample i matched to test slice i)" if conds
+        "split": split, "n": len(sets.real), "n_requested": n, "seed": seed,
+        "sampling": (f"conditions of the n real {split} slices (sample i matched to {split} slice i)" if conds
                      else "the model's prior (unconditional)"),
         "sampler": model.sampler_settings(),  # the prior's sampling options (ldm: steps, solver, guidance)
-        "feature_net": {**{k2: v for k2, v in info.items() if k2 != "final_batch"},
-                        "test_position_mae": float(np.mean(np.abs(pos_real - test_cond["position"])))},
-        "realism": realism, "c2st": two_sample, "histogram": histogram, "diversity": diversity,
-        "memorisation": memorisation, "reconstruction": reconstruction, "age_effect": age_effect,
+        "feature_net": {**{k: v for k, v in real["info"].items() if k != "final_batch"},
+                        "test_position_mae": real["position_mae"]},
+        "realism": real["realism"], "c2st": two_sample, "histogram": real["histogram"],
+        "diversity": real["diversity"], "memorisation": mem["section"], "reconstruction": reconstruction,
+        "age_effect": age_effect,
     }
     if ext is not None:
-        metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": int(spaces["extractor"][0].shape[1])}
+        metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": real["extractor_dim"]}
     conditional = conditional_section(model, store, n, seed, progress, predictor_steps)
     if conditional is not None:
         metrics["conditional"] = conditional
     metrics["summary"] = summary_rows(metrics)
 
-    stage(steps[9])
+    stage(7)
     with atomic_dir(out, force=force) as tmp:
-        figures = ["real_vs_sample.png", "reconstructions.png", "closest_pairs.png", "histograms.png",
-                   "interpolation.png"]
-        fig_real_vs_sample(tmp / figures[0], real, test_cond["position"], samples, pos_samp, "position" in conds)
-        fig_reconstructions(tmp / figures[1], real, recon, test_cond["position"])
-        fig_closest_pairs(tmp / figures[2], samples[closest], train_images(s_idx[closest]), s_ssim[closest],
-                          mem["threshold_ssim"])
-        fig_histograms(tmp / figures[3], hists)
-        a, b = interpolation_pair(store, test_sel)
-        _image_rows(tmp / figures[4], [G.interpolate(model, store, a, b, steps=FIG_COLUMNS)], ["interpolation"],
-                    [f"t={t:.2f}" for t in np.linspace(0, 1, FIG_COLUMNS)],
-                    title=f"latent interpolation between test slices {a} and {b} (store rows)")
-        if {"age", "sex"} <= set(conds):
-            grid = age_sex_images(model, seed)
-            _image_rows(tmp / "age_sex_grid.png", list(grid), ["F", "M"], [f"age {a}" for a in AGES],
-                        title="same latent (seed) at every age and sex" + (", position 0.5" if "position" in conds
-                                                                             else ""))
-            figures.append("age_sex_grid.png")
-        if age_points is not None:
-            A.fig_age_effect(tmp / "age_effect.png", age_effect, **age_points)
-            figures.append("age_effect.png")
-        bar.update()
-        stage(steps[10])
-        metrics["figures"] = figures
-        metrics["provenance"] = provenance(run=str(run), store=str(store.path), seed=seed, n=m,
-                                           feature_net=info["path"], extractor=str(extractor) if extractor else None)
-        pd.DataFrame({"store_row": test_sel, "subject": manifest["subject"].iloc[test_sel].to_numpy(),
-                      "position": test_cond["position"], **rec}).to_csv(tmp / "reconstruction.csv", index=False)
+        metrics["figures"] = write_figures(tmp, model, store, sets, samples, recon, real["pos_samp"], real["hists"],
+                                           mem["figure"], seed, age_effect, age_points)
+        metrics["provenance"] = provenance(run=str(run), store=str(store.path), seed=seed, n=len(sets.real),
+                                           feature_net=real["info"]["path"],
+                                           extractor=str(extractor) if extractor else None)
+        pd.DataFrame({"store_row": sets.eval_sel, "subject": subject[sets.eval_sel],
+                      "position": sets.cond["position"], **rec}).to_csv(tmp / "reconstruction.csv", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True, default=_json_default))
-        bar.update()
+    bar.n = len(stages)
     bar.close()
     return metrics
 

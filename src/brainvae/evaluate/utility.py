@@ -32,12 +32,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ..conditions import sex_classes
+from ..data.resize import read_resized
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
 from ..rundir import RunDir
-from .classifier import Head, TrainSettings, balanced_accuracy, predict, resize_slices, train_cnn
-from .conditional import condition_rows, sample_rows, sex_classes
+from .classifier import Head, TrainSettings, balanced_accuracy, predict, train_cnn
+from .conditional import condition_rows, sample_rows
+from .stats import bootstrap_ci
 
 TASKS = ("sex", "age_band")
 
@@ -99,24 +102,6 @@ def task_labels(age: np.ndarray, sex: pd.Series, bands: tuple[float, ...]) -> di
 
 # --- cluster bootstrap ------------------------------------------------------------------------------------------
 
-def bootstrap_subjects(stat: Callable[[np.ndarray], float], subjects: np.ndarray, *, n_boot: int = 1000,
-                       seed: int = 0) -> np.ndarray:
-    """``stat(rows)`` on ``n_boot`` cluster-bootstrap resamples: (n_boot,).
-
-    Each resample draws as many subjects as there are, with replacement, and
-    takes all the slices of every drawn subject (a subject drawn twice counts
-    twice), so slices of one subject stay together.
-    """
-    _, inverse = np.unique(np.asarray(subjects), return_inverse=True)
-    groups = [np.flatnonzero(inverse == s) for s in range(inverse.max() + 1)] if len(inverse) else []
-    rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
-    for b in range(n_boot):
-        draw = rng.integers(0, len(groups), size=len(groups))
-        out[b] = stat(np.concatenate([groups[s] for s in draw]))
-    return out
-
-
 def subject_bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, subjects: np.ndarray,
                          metric: Callable[[np.ndarray, np.ndarray], float] = balanced_accuracy, *,
                          n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
@@ -131,14 +116,14 @@ def subject_bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, subjects: np.nd
     def stat(rows: np.ndarray) -> float:
         return float(np.mean([metric(y_true[rows], p[rows]) for p in y_pred]))
 
-    return _percentile_ci(stat, subjects, n_boot=n_boot, level=level, seed=seed)
+    return _subject_ci(stat, subjects, n_boot=n_boot, level=level, seed=seed)
 
 
-def _percentile_ci(stat: Callable[[np.ndarray], float], subjects: np.ndarray, *, n_boot: int, level: float,
-                   seed: int) -> dict:
-    boots = bootstrap_subjects(stat, subjects, n_boot=n_boot, seed=seed)
-    low, high = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return {"value": stat(np.arange(len(subjects))), "low": float(low), "high": float(high)}
+def _subject_ci(stat: Callable[[np.ndarray], float], subjects: np.ndarray, *, n_boot: int, level: float,
+                seed: int) -> dict:
+    """{"value": stat over every row, "low", "high": its subject-bootstrap interval (``stats.bootstrap_ci``)}."""
+    low, high = bootstrap_ci(stat, subjects, n_boot=n_boot, level=level, seed=seed)
+    return {"value": stat(np.arange(len(subjects))), "low": low, "high": high}
 
 
 def _rounded(d: dict) -> dict:
@@ -185,9 +170,9 @@ def utility(model, store: SliceStore | str | Path, cfg: UtilityConfig = UtilityC
         raise BrainVAEError(f"{store.path}: utility needs train and test subjects "
                             f"(has {len(train_rows)} train and {len(test_rows)} test slices)")
     S = cfg.image_size
-    x_real = resize_slices(store.images, train_rows, S)  # (n_real, S, S)
+    x_real = read_resized(store.images, train_rows, S)  # (n_real, S, S)
     y_real = task_labels(m["age"].to_numpy()[train_rows], m["sex"].iloc[train_rows], bands)
-    x_test = resize_slices(store.images, test_rows, S)
+    x_test = read_resized(store.images, test_rows, S)
     y_test = task_labels(m["age"].to_numpy()[test_rows], m["sex"].iloc[test_rows], bands)
     subjects = m["subject"].to_numpy()[test_rows]
     for t in TASKS:
@@ -248,7 +233,7 @@ def _paired_delta(truth: np.ndarray, pred: np.ndarray, ref: np.ndarray, subjects
         return float(np.mean([balanced_accuracy(truth[rows], p[rows]) - balanced_accuracy(truth[rows], q[rows])
                               for p, q in zip(pred, ref)]))
 
-    return _percentile_ci(stat, subjects, n_boot=cfg.n_boot, level=cfg.level, seed=cfg.seed)
+    return _subject_ci(stat, subjects, n_boot=cfg.n_boot, level=cfg.level, seed=cfg.seed)
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------

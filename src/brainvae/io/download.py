@@ -3,10 +3,13 @@
 Downloads use only :mod:`urllib`. A file is written to ``<name>.part`` first,
 resumed with an HTTP ``Range`` request after an interruption, checked against
 the server's size (and an optional SHA-256), and only then renamed to its
-final name, so a file under its final name is always complete.
+final name, so a file under its final name is always complete. A download
+whose size cannot be checked (no Content-Length, nothing expected) is refused:
+a truncated file would look complete.
 
-Archives are unpacked by :func:`safe_extract`, which refuses any member that
-could write outside the destination before extracting anything.
+Archives are unpacked by :func:`safe_extract`, which accepts only regular files
+and folders inside the destination: any link, device or escaping path refuses
+the whole archive before anything is extracted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import http.client
 import json
 import logging
 import os
-import posixpath
 import re
 import shutil
 import tarfile
@@ -30,12 +32,13 @@ from urllib.error import HTTPError
 from urllib.parse import urljoin
 from urllib.request import Request, urlopen
 
-from tqdm import tqdm
 
 from .. import __version__
 from ..errors import BrainVAEError, InputFileError
+from ..progress import bar as progress_bar
+from .atomic import atomic_write_bytes, usual_mode
 
-IXI_BASE_URL = "http://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
+IXI_BASE_URL = "https://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
 IXI_MODALITIES = ("T1", "T2", "PD", "MRA", "DTI")
 IXI_SPREADSHEET = "IXI.xls"
 MANIFEST_NAME = "download.json"
@@ -53,6 +56,7 @@ def download_file(
     *,
     sha256: str | None = None,
     expected_size: int | None = None,
+    force: bool = False,
     progress: bool = True,
     timeout: float = 60,
     retries: int = 3,
@@ -60,24 +64,28 @@ def download_file(
     """Download ``url`` to ``dest`` and return ``dest``.
 
     An existing ``dest`` is kept without downloading when it matches
-    ``expected_size`` and ``sha256`` (those given); a file under the final name
-    is only ever created by a verified download. Data goes to ``dest.part``
-    first; a leftover ``.part`` is resumed with a ``Range`` request, and a
-    dropped connection is retried (resuming) up to ``retries`` times.
+    ``expected_size`` and ``sha256`` (at least one given; without either it
+    cannot be checked and is downloaded again, as it is with ``force``); a file
+    under the final name is only ever created by a verified download, and an
+    existing one is replaced only by one. Data goes to ``dest.part`` first; a
+    leftover ``.part`` is resumed with a ``Range`` request, and a dropped
+    connection is retried (resuming) up to ``retries`` times.
 
     Raises:
         InputFileError: the download does not match the server's
-            Content-Length, ``expected_size`` or ``sha256``; the corrupt
-            data is deleted.
+            Content-Length, ``expected_size`` or ``sha256``, or its size
+            cannot be checked at all; the data is deleted.
         BrainVAEError: the server refuses the request (HTTP 4xx) or the
             download still fails after ``retries`` retries.
     """
     dest = Path(dest)
-    if dest.exists():
-        if _matches(dest, expected_size, sha256):
+    checkable = expected_size is not None or sha256 is not None
+    if dest.exists() and not force:
+        if checkable and _matches(dest, expected_size, sha256):
             log.info("%s already downloaded; skipping", dest)
             return dest
-        log.warning("%s does not match the expected size or checksum; downloading again", dest)
+        log.warning("%s %s; downloading again", dest,
+                    "does not match the expected size or checksum" if checkable else "cannot be verified")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
@@ -102,6 +110,10 @@ def download_file(
         time.sleep(_RETRY_DELAY_S * attempt)
 
     size = part.stat().st_size
+    if server_size is None and not checkable:
+        part.unlink()
+        raise InputFileError(dest, f"the server sent no size for {url}, so a truncated download cannot be "
+                                   f"told from a complete one ({size} bytes received); deleted the download")
     checks = (("the server's Content-Length", server_size), ("the expected size", expected_size))
     for label, expected in checks:
         if expected is not None and size != expected:
@@ -171,7 +183,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
             mode = "wb"
-        bar = tqdm(
+        bar = progress_bar(
             total=total,
             initial=offset,
             desc=desc,
@@ -203,12 +215,16 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
 def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
     """Extract a ``.tar`` or ``.tar.gz`` into ``dest`` and return the extracted files.
 
-    Every member is checked before anything is written: absolute paths,
-    ``..`` components, links pointing outside ``dest`` and device files are
-    refused. Extraction (with tarfile's ``"data"`` filter as a second line of
-    defence) goes to a temporary sibling folder; a new ``dest`` is then
-    created by one rename, and members are moved into an existing ``dest``
-    one by one, so no half-written file ever appears under its final name.
+    Only regular files and folders are accepted: every symbolic link, hard
+    link, device or other special member is refused (IXI archives have none),
+    as are absolute paths and ``..`` components, all before anything is
+    written. Without links nothing can redirect a write, which also closes the
+    ``filter="data"`` bypass through symlink chains longer than PATH_MAX
+    (CVE-2025-4517, unfixed in Python < 3.11.13). Extraction goes to a
+    temporary sibling folder; a new ``dest`` is then created by one rename, and
+    members are moved into an existing ``dest`` one by one after checking that
+    each resolved target stays inside ``dest``, so no half-written file ever
+    appears under its final name and nothing lands outside ``dest``.
 
     Returns:
         The paths of the extracted regular files, in archive order.
@@ -230,12 +246,15 @@ def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
                     raise InputFileError(tar_path, f"unsafe member '{member.name}': {reason}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".extracting"))
+            usual_mode(tmp)
             try:
                 try:
-                    tar.extractall(tmp, filter="data")
+                    tar.extractall(tmp, members=members, filter="data")
                 except tarfile.FilterError as exc:
                     raise InputFileError(tar_path, f"unsafe member '{exc.tarinfo.name}': {exc}") from exc
-                _move_into(tmp, dest, members)
+                except OSError as exc:  # e.g. a name too long for the file system, a file where a folder is
+                    raise InputFileError(tar_path, f"cannot extract ({exc})") from exc
+                _move_into(tar_path, tmp, dest, members)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except unreadable as exc:
@@ -244,30 +263,40 @@ def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
 
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
-    """Why extracting ``member`` could escape the destination, or None if it is safe."""
-    if PurePosixPath(member.name).is_absolute():
+    """Why ``member`` may not be extracted, or None: only plain files and folders inside the destination pass."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute():
         return "absolute path"
-    if ".." in PurePosixPath(member.name).parts:
+    if ".." in path.parts:
         return "path traversal ('..')"
-    if member.isdev():
+    if member.issym():
+        return f"symbolic link to '{member.linkname}' (archives with links are refused)"
+    if member.islnk():
+        return f"hard link to '{member.linkname}' (archives with links are refused)"
+    if member.isdev() or not (member.isfile() or member.isdir()):
         return "device or special file"
-    if member.issym() or member.islnk():
-        # Symlink targets are relative to the link's folder, hard links to the archive root.
-        base = posixpath.dirname(member.name) if member.issym() else ""
-        target = posixpath.normpath(posixpath.join(base, member.linkname))
-        if posixpath.isabs(member.linkname) or target == ".." or target.startswith("../"):
-            return f"link to '{member.linkname}' points outside the destination"
     return None
 
 
-def _move_into(tmp: Path, dest: Path, members: list[tarfile.TarInfo]) -> None:
-    """Move the extracted tree ``tmp`` to ``dest``: one rename if ``dest`` is new, else member by member."""
+def _move_into(tar_path: Path, tmp: Path, dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """Move the extracted tree ``tmp`` to ``dest``: one rename if ``dest`` is new, else member by member.
+
+    In an existing ``dest`` a folder may be a symbolic link made by someone else: every target is
+    resolved and must stay inside ``dest``.
+    """
     if not dest.exists():
         os.replace(tmp, dest)
         return
-    for name in dict.fromkeys(member.name for member in members):
+    root = dest.resolve()
+    names = list(dict.fromkeys(member.name for member in members))
+    for name in names:  # check every target before moving any
+        target = (dest / name).resolve()
+        if target != root and root not in target.parents:
+            raise InputFileError(tar_path, f"member '{name}' would be written to {target}, outside {dest} "
+                                           f"(through a link inside {dest})")
+    for name in names:
         source, target = tmp / name, dest / name
-        if source.is_dir() and not source.is_symlink():
+        if source.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -285,10 +314,12 @@ def download_ixi(
 ) -> dict[str, Path]:
     """Download ``IXI-<MOD>.tar`` and ``IXI.xls`` into ``dest`` and unpack the archive.
 
-    Files already downloaded completely are kept. The archive is extracted to
-    ``dest/IXI-<MOD>/`` unless that folder exists; ``force`` extracts again
-    (over it). ``dest/download.json`` records the URL, size and SHA-256 of
-    each file and when it was recorded.
+    ``dest/download.json`` records the URL, size and SHA-256 of each file
+    right after its verified download. A file that still matches its record
+    is kept; any other file (and every file with ``force``) is downloaded
+    again, replacing the old one only once the new one is verified. The
+    archive is extracted to ``dest/IXI-<MOD>/`` unless that folder exists;
+    ``force`` extracts again (over it).
 
     Returns:
         ``{"archive", "spreadsheet", "manifest"}`` paths, plus ``"images"``
@@ -303,7 +334,18 @@ def download_ixi(
     dest = Path(dest)
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     urls = {name: urljoin(base_url, name) for name in (f"IXI-{mod}.tar", IXI_SPREADSHEET)}
-    paths = {name: download_file(url, dest / name, progress=progress) for name, url in urls.items()}
+    manifest = dest / MANIFEST_NAME
+    recorded = _read_manifest(manifest)
+    paths = {}
+    for name, url in urls.items():
+        path, entry = dest / name, recorded.get(name)
+        known = isinstance(entry, dict) and entry.get("size") is not None and entry.get("sha256") is not None
+        if not force and path.exists() and known and _matches(path, entry["size"], entry["sha256"]):
+            log.info("%s already downloaded (size and SHA-256 as recorded in %s); skipping", path, manifest.name)
+        else:  # a file not recorded after a verified download is not trusted
+            download_file(url, path, force=True, progress=progress)
+            _record_download(manifest, name, url, path)
+        paths[name] = path
 
     result = {"archive": paths[f"IXI-{mod}.tar"], "spreadsheet": paths[IXI_SPREADSHEET]}
     if extract:
@@ -313,21 +355,25 @@ def download_ixi(
         else:
             safe_extract(result["archive"], images)
         result["images"] = images
-    result["manifest"] = _record_downloads(dest / MANIFEST_NAME, urls, paths)
+    result["manifest"] = manifest
     return result
 
 
-def _record_downloads(manifest: Path, urls: dict[str, str], paths: dict[str, Path]) -> Path:
-    """Add the given files to ``manifest`` (JSON), keeping entries for other files."""
-    entries: dict = {}
-    if manifest.exists():
-        try:
-            entries = json.loads(manifest.read_text()).get("files", {})
-        except (ValueError, AttributeError):
-            log.warning("%s is not valid JSON; rewriting it", manifest)
+def _read_manifest(manifest: Path) -> dict:
+    """The ``files`` entries of ``download.json`` ({} when it is missing or unreadable)."""
+    if not manifest.exists():
+        return {}
+    try:
+        entries = json.loads(manifest.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        log.warning("%s is not valid JSON; rewriting it", manifest)
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _record_download(manifest: Path, name: str, url: str, path: Path) -> None:
+    """Add one verified file to ``manifest`` (JSON, written atomically), keeping the other entries."""
+    entries = _read_manifest(manifest)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for name, path in paths.items():
-        size, digest = path.stat().st_size, file_sha256(path)
-        entries[name] = {"url": urls[name], "size": size, "sha256": digest, "date": now}
-    manifest.write_text(json.dumps({"files": entries}, indent=2) + "\n")
-    return manifest
+    entries[name] = {"url": url, "size": path.stat().st_size, "sha256": file_sha256(path), "date": now}
+    atomic_write_bytes(manifest, (json.dumps({"files": entries}, indent=2) + "\n").encode())

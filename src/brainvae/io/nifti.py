@@ -44,36 +44,58 @@ class Volume:
 def load_image(path: Path) -> nib.Nifti1Image:
     """Load a NIfTI image into memory (float32, scaling applied), with errors that name the file.
 
-    The data are read here, once (a gzip is decompressed a single time), so a
-    truncated or corrupt file is reported now, as a problem of this file; the
-    header (original dtype, zooms) is kept.
+    A ``.gz`` is first decompressed once as a stream, checking its CRC and
+    length: nibabel reads only the bytes the header asks for, so a corrupt
+    gzip would otherwise pass as garbage voxels. The size the header declares
+    must fit in the data (a bad header must not allocate gigabytes). Then the
+    data are read here, once, so any other problem is reported now, as a
+    problem of this file; the header (original dtype, zooms) is kept.
     """
     path = Path(path)
     if not path.exists():
         raise InputFileError(path, "file not found")
     try:
+        if path.name.lower().endswith(".gz"):
+            data_bytes = _gunzipped_size(path)
+        else:
+            data_bytes = path.stat().st_size
         proxy = nib.load(path)
+        _check_declared_size(proxy, data_bytes, path)
         img = nib.Nifti1Image(proxy.get_fdata(dtype=np.float32), proxy.affine, proxy.header)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputFileError(path, f"truncated or corrupt gzip ({exc})") from None
     except nib.filebasedimages.ImageFileError as exc:
-        if path.name.lower().endswith(".gz") and (gz_problem := _gzip_problem(path)):
-            raise InputFileError(path, f"truncated or corrupt gzip ({gz_problem})") from None
-        raise InputFileError(path, f"not a readable NIfTI image ({exc})") from None
+        raise InputFileError(path, f"not a readable NIfTI image ({' '.join(str(exc).split())})") from None
+    except MemoryError:
+        raise InputFileError(path, "too large to load into memory") from None
     except (OSError, ValueError) as exc:
-        raise InputFileError(path, f"cannot read image data ({exc})") from None
+        raise InputFileError(path, f"cannot read image data ({' '.join(str(exc).split())})") from None
     return img
 
 
-def _gzip_problem(path: Path) -> str | None:
-    """Why a .gz file does not decompress, or None if it does."""
-    try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 20):
-                pass
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
+def _gunzipped_size(path: Path) -> int:
+    """Decompress a .gz as a stream (1 MiB at a time, nothing kept) and return its length.
+
+    ``gzip`` checks each member's CRC-32 and length at its end: a truncated or
+    corrupt file raises ``EOFError`` / ``BadGzipFile`` / ``zlib.error``.
+    """
+    size = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+    return size
+
+
+def _check_declared_size(proxy, available: int, path: Path) -> None:
+    """Refuse a header whose shape and data type need more bytes than the file holds."""
+    header = proxy.header
+    shape = header.get_data_shape()
+    itemsize = header.get_data_dtype().itemsize
+    needed = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.float64)) * itemsize
+    if needed > available:
+        raise InputFileError(path, f"the header declares {'x'.join(map(str, shape))} voxels of "
+                                   f"{header.get_data_dtype()} ({needed:,} bytes) but the data hold "
+                                   f"only {available:,} bytes (truncated file or corrupt header)")
 
 
 def check_image(img: nib.Nifti1Image, path: Path, *, allow_empty: bool = False) -> np.ndarray:
@@ -130,11 +152,15 @@ def orientation(img_or_affine) -> str:
     return "".join(nib.aff2axcodes(affine))
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Save atomically: nibabel writes a temporary file with the same suffix, then it is renamed."""
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, description: str = "") -> None:
+    """Save atomically: nibabel writes a temporary file with the same suffix, then it is renamed.
+    ``description``: the header's ``descrip`` field (at most 80 characters)."""
     path = Path(path)
+    if len(description) > 80:
+        raise ValueError(f"a NIfTI description holds at most 80 characters: {description!r}")
     img = nib.Nifti1Image(np.asarray(data), affine)
     img.header.set_xyzt_units("mm")
+    img.header["descrip"] = description
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{strip_nifti_suffix(path.name)}.tmp{os.getpid()}{suffix}")

@@ -63,9 +63,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from ..errors import BrainVAEError, InputFileError, OutputExistsError
+from ..progress import bar as progress_bar
 from .atomic import atomic_write_bytes
 
 __all__ = ["simulate_cohort", "simulate_subject", "SimulatedSubject", "default_grid", "subject_name"]
@@ -662,7 +662,7 @@ def simulate_cohort(
             a lesion mask is written for every subject (all zero for healthy ones).
         force: replace a previous cohort in a non-empty ``out_dir`` (only the
             files this function writes are removed; other files are kept).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (see :mod:`brainvae.progress`).
 
     Returns:
         One row per subject: ``IXI_ID``, ``SEX_ID (1=m, 2=f)``, ``AGE``, ``SIMULATED``, ``n_lesions``.
@@ -705,7 +705,7 @@ def simulate_cohort(
     })
 
     description = "brainvae SIMULATED from MNI152 2009 template; not a real subject"
-    for i in tqdm(range(n_subjects), desc="simulating cohort", unit="subject", disable=not progress):
+    for i in progress_bar(range(n_subjects), desc="simulating cohort", unit="subject", disable=not progress):
         sub = simulate_subject(float(ages[i]), int(sexes[i]), seed=seed, index=i, n_lesions=int(n_lesions[i]),
                                shape=grid_shape, spacing=spacing)
         stem = subject_name(i) + "-T1"

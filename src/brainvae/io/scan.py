@@ -1,9 +1,9 @@
-"""Find the volumes of a dataset folder: IXI, BraTS, or any folder of NIfTI files.
+"""Find the volumes of a dataset folder: BIDS, IXI, BraTS, or any folder of NIfTI files.
 
 ``find_scans`` returns one :class:`Scan` per subject with its image, optional
 brain mask and lesion mask, and age/sex joined from demographics. Problems
-(duplicates, subjects missing from the spreadsheet) are reported, not hidden:
-subjects with unknown age or sex are kept.
+(duplicates, other sessions, subjects missing from the spreadsheet) are reported,
+not hidden: subjects with unknown age or sex are kept.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import BrainVAEError, InputFileError
-from .ixi import parse_ixi_name, read_demographics
+from .demographics import read_demographics
+from .ixi import parse_ixi_name
 from .nifti import is_nifti, strip_nifti_suffix
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+BIDS_SUFFIXES = {"T1": "T1w", "T2": "T2w", "PD": "PDw", "FLAIR": "FLAIR"}  # --modality -> BIDS suffix
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Scan:
     subject: str
     image: Path
     modality: str
-    dataset: str  # "ixi" | "brats" | "nifti"
+    dataset: str  # "bids" | "ixi" | "brats" | "nifti"
     hospital: str = ""
     mask: Path | None = None  # brain mask / parcellation (label > 0 = brain)
     lesion: Path | None = None  # lesion segmentation (label > 0 = abnormal)
@@ -59,8 +61,8 @@ def find_scans(
     """Discover the scans of ``root`` (a folder, or an official IXI ``.tar``).
 
     Missing optional inputs are looked up beside the images: ``IXI.xls`` or
-    ``demographics.csv``; masks in ``masks/`` or ``IXI-<MOD>-dlmuse/``;
-    lesion masks in ``lesions/``.
+    ``demographics.csv`` (a BIDS dataset: its ``participants.tsv``); masks in
+    ``masks/`` or ``IXI-<MOD>-dlmuse/``; lesion masks in ``lesions/``.
     """
     root = Path(root)
     if not root.exists():
@@ -70,18 +72,58 @@ def find_scans(
     elif root.is_file():
         raise InputFileError(root, "expected a folder of NIfTI volumes or an IXI .tar archive")
 
-    if _brats_cases(root):
+    if _bids_subjects(root):
+        inv = _find_bids(root, modality, masks, lesions)
+    elif _brats_cases(root):
         inv = _find_brats(root, modality)
     else:
         inv = _find_ixi_or_nifti(root, modality, masks, lesions)
     if not inv.scans:
-        raise BrainVAEError(f"{root}: no {modality} NIfTI volumes found (.nii / .nii.gz, IXI names or BraTS case folders)")
+        raise BrainVAEError(f"{root}: no {modality} NIfTI volumes found (.nii / .nii.gz, IXI names, BIDS "
+                            f"sub-*/anat folders or BraTS case folders)")
 
-    demographics = demographics or _first_existing(
-        [d / n for d in (root, root.parent) for n in ("IXI.xls", "demographics.csv")])
     if demographics is not None:
-        _join_demographics(inv, demographics)
+        _join_demographics(inv, demographics, require_all=True)
+    elif inv.dataset == "bids":
+        if (root / "participants.tsv").exists():  # BIDS makes its age and sex columns optional
+            _join_demographics(inv, root / "participants.tsv", require_all=False)
+    elif found := _first_existing([d / n for d in (root, root.parent) for n in ("IXI.xls", "demographics.csv")]):
+        _join_demographics(inv, found, require_all=True)
     return inv
+
+
+def _bids_subjects(root: Path) -> list[Path]:
+    return sorted(d for d in root.glob("sub-*") if d.is_dir())
+
+
+def _find_bids(root: Path, modality: str, masks: Path | None, lesions: Path | None) -> Inventory:
+    """BIDS: ``sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>][_<key>-<value>...]_<suffix>.nii[.gz]``.
+
+    One scan per subject, named by its folder (``sub-01``): with several sessions or runs the first (sorted;
+    files outside a session come first), the others reported. The suffix is the modality's (``T1`` -> ``T1w``,
+    ``T2`` -> ``T2w``, ``PD`` -> ``PDw``) or a BIDS suffix given as it is. Masks and lesion masks (``--masks``,
+    ``--lesions``) match an image when their name starts with its entities and ``_``
+    (``sub-01_ses-1_desc-brain_mask.nii.gz`` for ``sub-01_ses-1_T1w.nii.gz``)."""
+    suffix = BIDS_SUFFIXES.get(modality.upper(), modality)
+    mask_files, lesion_files = (sorted(p for p in d.rglob("*") if is_nifti(p)) if d else [] for d in (masks, lesions))
+    scans, problems = [], []
+    for sub in _bids_subjects(root):
+        files = sorted(p for p in [*sub.glob("anat/*"), *sub.glob("ses-*/anat/*")]
+                       if is_nifti(p) and strip_nifti_suffix(p.name).endswith(f"_{suffix}"))
+        if not files:
+            problems.append(f"{sub.name}: no {suffix} image in anat/")
+            continue
+        image = files[0]
+        if len(files) > 1:
+            problems.append(f"{sub.name}: {len(files)} {suffix} images (sessions or runs); using "
+                            f"{image.relative_to(sub)}, not {', '.join(str(p.relative_to(sub)) for p in files[1:])}")
+        entities = strip_nifti_suffix(image.name)[:-len(suffix)]  # "sub-01_ses-1_"
+        mask = next((p for p in mask_files if p.name.startswith(entities)), None)
+        lesion = next((p for p in lesion_files if p.name.startswith(entities)), None)
+        if masks is not None and mask is None:
+            problems.append(f"{image.name}: no brain mask in {masks}")
+        scans.append(Scan(sub.name, image, suffix, "bids", mask=mask, lesion=lesion))
+    return Inventory(root, "bids", scans, problems, masks=masks, lesions=lesions)
 
 
 def _find_ixi_or_nifti(root: Path, modality: str, masks: Path | None, lesions: Path | None) -> Inventory:
@@ -165,8 +207,8 @@ def _find_brats(root: Path, modality: str) -> Inventory:
     return Inventory(root, "brats", scans, problems)
 
 
-def _join_demographics(inv: Inventory, path: Path) -> None:
-    table, problems = read_demographics(path)
+def _join_demographics(inv: Inventory, path: Path, *, require_all: bool) -> None:
+    table, problems = read_demographics(path, require_all=require_all)
     inv.demographics = path
     inv.problems.extend(problems)
     joined = []
@@ -176,8 +218,6 @@ def _join_demographics(inv: Inventory, path: Path) -> None:
             age = None if pd.isna(row["age"]) else float(row["age"])
             sex = row["sex"] if row["sex"] in ("M", "F") else None
             joined.append(Scan(s.subject, s.image, s.modality, s.dataset, s.hospital, s.mask, s.lesion, age, sex))
-            if age is None:
-                inv.problems.append(f"{s.subject}: no age in {path.name}")
         else:
             joined.append(s)
             inv.problems.append(f"{s.subject}: not in {path.name}; age and sex unknown")

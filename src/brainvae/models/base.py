@@ -3,8 +3,9 @@
     posterior = model.encode(x, cond)            # x: (B, 1, H, W) in [0, 1]
     x_hat     = model.decode(z, cond)            # (B, 1, H, W) in [0, 1]
     out       = model(x, cond, kl_scale=1.0)     # Output(recon, posterior, losses)
-    images    = model.sample(n, cond, generator) # (n, 1, H, W)
-    scores    = model.anomaly_map(x, cond)       # (B, 1, H, W), higher = more abnormal
+    images    = model.generate(n, cond, generator)  # (n, 1, H, W): cond checked, then sample(n, cond, generator)
+    scores    = model.scores()                   # name -> Score (models.scoring): the anomaly scores it offers
+    a_map     = scores["residual"].compute(ScoreBatch(model, x, cond))  # (B, 1, H, W), higher = more abnormal
 
 ``out.losses`` holds per-sample terms, each of shape (B,), before any batch
 reduction, with the training objective in ``losses["loss"]``; the same numbers
@@ -22,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-CONDITIONS = ("age", "sex", "position")
+from ..conditions import CONDITIONS, NEUTRAL, check_conditions
+from ..config import check
+from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score
+
 Cond = dict[str, Tensor] | None
 
 
@@ -34,12 +38,10 @@ class BaseConfig:
     conditions: tuple[str, ...] = ()  # subset of CONDITIONS the model is conditioned on
 
     def __post_init__(self) -> None:
-        from ..config import _check
-
-        _check(self.image_size >= 16 and self.image_size & (self.image_size - 1) == 0,
-               f"image_size must be a power of two >= 16, got {self.image_size}")
+        check(self.image_size >= 16 and self.image_size & (self.image_size - 1) == 0,
+              f"image_size must be a power of two >= 16, got {self.image_size}")
         unknown = set(self.conditions) - set(CONDITIONS)
-        _check(not unknown, f"unknown condition(s) {sorted(unknown)}; choose from {CONDITIONS}")
+        check(not unknown, f"unknown condition(s) {sorted(unknown)}; choose from {CONDITIONS}")
 
 
 @dataclass
@@ -176,6 +178,8 @@ class BrainModel(nn.Module):
     inference_copy: bool = False  # True on the frozen copies made by for_inference()
     stages: tuple[str, ...] = ("model",)  # training stages, in order (two-stage models: autoencoder, then prior)
     sample_options: tuple[str, ...] = ()  # keyword options of sample() beyond (n, cond, generator)
+    fixed_sigma: float = 0.1  # per-pixel std of the likelihood decode_params assumes (models without their own)
+    score_smoothing: float = 1.5  # px: Gaussian sigma applied to |dKL/dx| by the KL scores
 
     def __init__(self, config: BaseConfig):
         super().__init__()
@@ -210,7 +214,17 @@ class BrainModel(nn.Module):
         raise NotImplementedError
 
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
+        """n samples (n, 1, H, W), conditions as given (unchecked: callers outside the model use ``generate``)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, n: int, cond: dict | None = None, generator: torch.Generator | None = None,
+                 **options) -> Tensor:
+        """n samples (n, 1, H, W) in [0, 1]: ``sample`` after checking ``cond`` (``conditions.check_conditions``:
+        sex "M" / "F" or +1 / -1 / 0, age 0..120 years, position 0..1, scalars or (n,) values, no key the model
+        is not conditioned on) and the sampling ``options`` (``check_sample_options``)."""
+        cond = check_conditions(cond, tuple(self.config.conditions), self.arch)
+        return self.sample(n, cond, generator, **self.check_sample_options(options))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, cond: Cond = None) -> Tensor:
@@ -229,10 +243,28 @@ class BrainModel(nn.Module):
         model.inference_copy = True
         return model.to(memory_format=torch.channels_last).requires_grad_(False)
 
-    @torch.no_grad()
-    def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:
-        """Default score: the absolute residual of the mean reconstruction, (B, 1, H, W)."""
-        return (x - self.reconstruct(x, cond)).abs()
+    def decode_params(self, z: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
+        """The decoder's per-pixel Gaussian likelihood: mean (B, 1, H, W) and log-sigma (broadcastable to it);
+        here the decoded image and the fixed ``fixed_sigma``."""
+        mean = self.decode(z, cond).float()
+        return mean, torch.full((1, 1, 1, 1), math.log(self.fixed_sigma), device=mean.device)
+
+    def likelihood(self) -> str:
+        """How ``decode_params`` models a pixel (reported beside the reconstruction probability)."""
+        return f"fixed sigma = {self.fixed_sigma:g}"
+
+    # -- anomaly scores ------------------------------------------------------------------------------
+    def scores(self) -> dict[str, Score]:
+        """The anomaly scores this model offers, by name, in report order (see ``models.scoring``): the
+        reconstruction scores, and the KL-gradient scores when it has a posterior trained with a KL term."""
+        return {**RECONSTRUCTION_SCORES, **(KL_SCORES if self.stochastic else {})}
+
+    def unavailable_scores(self) -> dict[str, str]:
+        """Scores of ``models.scoring`` this model cannot compute, each with the reason (reported with the results)."""
+        if self.stochastic:
+            return {}
+        return dict.fromkeys(KL_SCORES, f"{self.arch} is deterministic (no Gaussian posterior trained with a KL "
+                                        "term): no KL gradient")
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups of the current stage, each with its own optimiser; a ``"disc"`` group is trained
@@ -273,12 +305,15 @@ class BrainModel(nn.Module):
         ``begin_stage``, and again when a run resumes inside the stage): by default the slices themselves."""
         return data
 
-    def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
-        """Conditions for sampling: given values broadcast to n; missing ones drawn from a neutral default."""
-        cond = dict(cond or {})
-        defaults = {"age": 50.0, "sex": 0.0, "position": 0.5}
+    def given_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
+        """The given (not None) values of this model's conditions, each a (n,) float32 tensor on its device."""
         out = {}
         for key in self.config.conditions:
-            v = torch.as_tensor(cond.get(key, defaults[key]), dtype=torch.float32, device=self.device)
-            out[key] = v.expand(n).clone() if v.dim() == 0 else v
+            if cond and cond.get(key) is not None:
+                v = torch.as_tensor(cond[key], dtype=torch.float32, device=self.device)
+                out[key] = v.expand(n).clone() if v.dim() == 0 else v
         return out
+
+    def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
+        """Conditions for sampling: given values broadcast to n; missing ones set to ``conditions.NEUTRAL``."""
+        return self.given_cond(n, {**NEUTRAL, **{k: v for k, v in (cond or {}).items() if v is not None}})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..config import check
+
 
 def bottleneck_size(image_size: int, channels: tuple[int, ...], patch: int) -> int:
     """Side of the feature map after a space-to-depth stage and len(channels) - 1 stride-2 stages."""
@@ -13,12 +15,10 @@ def bottleneck_size(image_size: int, channels: tuple[int, ...], patch: int) -> i
 
 def check_stages(image_size: int, channels: tuple[int, ...], patch: int) -> None:
     """Config checks shared by every encoder built from these stages (raises BrainVAEError)."""
-    from ..config import _check
-
-    _check(len(channels) >= 1 and all(c > 0 for c in channels), "channels must be positive")
-    _check(patch >= 1 and patch & (patch - 1) == 0, "patch must be a power of two")
-    _check(bottleneck_size(image_size, channels, patch) >= 2,
-           f"patch {patch} and {len(channels)} stages downsample {image_size} px below 2 px")
+    check(len(channels) >= 1 and all(c > 0 for c in channels), "channels must be positive")
+    check(patch >= 1 and patch & (patch - 1) == 0, "patch must be a power of two")
+    check(bottleneck_size(image_size, channels, patch) >= 2,
+          f"patch {patch} and {len(channels)} stages downsample {image_size} px below 2 px")
 
 
 def conv_bn_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

@@ -3,9 +3,10 @@ for Unsupervised Anomaly Detection"; 2019 MIDL).
 
 The VAE objective plus a context-encoding term: the same encoder/decoder must
 reconstruct the original image from a copy with random rectangles replaced by
-noise. Its anomaly score combines the residual with the gradient of the KL
-term with respect to the input, which highlights what the encoder finds
-unlikely.
+noise. Its anomaly scores (``kl_combined``, ``kl_additive`` in ``models.scoring``, offered
+by every model with a KL term) combine the residual with the gradient of the KL term with
+respect to the input, which highlights what the encoder finds unlikely; ``score_smoothing``
+sets how much that gradient is smoothed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from .base import Cond, Output, gaussian_nll
 from .registry import register
@@ -48,21 +48,13 @@ def mask_patches(x: Tensor, n_patches: int, patch_max: float, generator: torch.G
     return torch.where(mask, noise, x)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, 1, H, W)."""
-    if sigma <= 0:
-        return x
-    r = max(1, int(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-
-
 @register("cevae", CEVAEConfig)
 class CEVAE(VAE):
     config: CEVAEConfig
+
+    @property
+    def score_smoothing(self) -> float:
+        return self.config.score_smoothing
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         out = super().forward(x, cond, kl_scale)
@@ -72,9 +64,3 @@ class CEVAE(VAE):
         out.losses["ce"] = ce
         out.losses["loss"] = out.losses["loss"] + self.config.ce_weight * ce
         return out
-
-    def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:
-        """Zimmerer's combined score: residual x normalised, smoothed |dKL/dx| (``evaluate.anomaly_scores``)."""
-        from ..evaluate.anomaly_scores import kl_combined
-
-        return kl_combined(self, x, cond)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..config import check
 from .base import Conditioning, randn
 
 SOLVERS = ("euler", "heun")
@@ -51,16 +52,14 @@ class FlowConfig:
     guidance: float = 1.0  # default classifier-free guidance scale
 
     def __post_init__(self) -> None:
-        from ..config import _check
-
-        _check(len(self.widths) >= 1 and all(w > 0 and w % 8 == 0 for w in self.widths),
-               f"prior widths must be positive multiples of 8, got {self.widths}")
-        _check(self.blocks >= 1, "prior blocks must be >= 1")
-        _check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "prior patch must be a power of two")
-        _check(0 <= self.drop_key < 1 and 0 <= self.drop_all < 1, "drop_key and drop_all must be in [0, 1)")
-        _check(self.steps >= 1, "prior steps must be >= 1")
-        _check(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        _check(self.guidance >= 0, "guidance must be >= 0")
+        check(len(self.widths) >= 1 and all(w > 0 and w % 8 == 0 for w in self.widths),
+              f"prior widths must be positive multiples of 8, got {self.widths}")
+        check(self.blocks >= 1, "prior blocks must be >= 1")
+        check(self.patch >= 1 and self.patch & (self.patch - 1) == 0, "prior patch must be a power of two")
+        check(0 <= self.drop_key < 1 and 0 <= self.drop_all < 1, "drop_key and drop_all must be in [0, 1)")
+        check(self.steps >= 1, "prior steps must be >= 1")
+        check(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        check(self.guidance >= 0, "guidance must be >= 0")
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:

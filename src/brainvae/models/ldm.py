@@ -20,8 +20,8 @@ Stable Diffusion 3 (Esser et al. 2024):
 
 One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``),
 one run folder; the engine trains the stages in order (``RunConfig.stage_plan``).
-``encode``/``decode``/``reconstruct``/``anomaly_map`` go through the autoencoder,
-``sample`` through the prior.
+``encode``/``decode``/``reconstruct`` (and so the anomaly scores) go through the
+autoencoder, ``sample`` through the prior.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import from_dict
+from ..config import check, from_dict
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output
 from .flow import FlowConfig, FlowPrior
 from .registry import register
@@ -83,11 +83,9 @@ class LDMConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..config import _check
-
         fixed = sorted(set(self.autoencoder) & set(_FIXED))
-        _check(not fixed, f"[model.autoencoder] cannot set {fixed}: the ldm sets them")
-        _check(self.stats_batches >= 1, "stats_batches must be >= 1")
+        check(not fixed, f"[model.autoencoder] cannot set {fixed}: the ldm sets them")
+        check(self.stats_batches >= 1, "stats_batches must be >= 1")
         self.autoencoder_config()
         self.prior_config()
 
@@ -208,18 +206,9 @@ class LDM(BrainModel):
         Options not given come from ``configure_sampler``, then from ``[model.prior]``."""
         given = {"steps": steps, "guidance": guidance, "solver": solver}
         options = {**self.sampler_defaults, **{k: v for k, v in given.items() if v is not None}}
-        z = self.flow.sample(n, self.default_cond(n, cond), generator, self.device, **options)
+        z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options)
         return self.decode(self._unstandardise(z))
 
     def sampler_settings(self) -> dict:
         cfg = self.flow.cfg
         return {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance, **super().sampler_settings()}
-
-    def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
-        """Given conditions broadcast to n; missing ones stay missing (the prior marginalises them)."""
-        out = {}
-        for key in self.config.conditions:
-            if cond and cond.get(key) is not None:
-                v = torch.as_tensor(cond[key], dtype=torch.float32, device=self.device)
-                out[key] = v.expand(n).clone() if v.dim() == 0 else v
-        return out

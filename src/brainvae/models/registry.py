@@ -5,14 +5,16 @@
 
     model = build("vae", {"latent_dim": 64})   # or build_from_config(cfg)
 
-A model is rebuilt from its config alone (saved beside every checkpoint).
+A model is rebuilt from its config alone (saved beside every checkpoint). Importing this
+module hands ``brainvae.config`` the lookup RunConfig validates its [model] section with
+(config.py sits below the models and imports none of them).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..config import from_dict, to_dict
+from ..config import from_dict, set_architecture_lookup, to_dict
 from ..errors import BrainVAEError
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -42,6 +44,15 @@ def lookup(name: str) -> tuple[type, type]:
     if name not in _REGISTRY:
         raise BrainVAEError(f"unknown architecture {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def config_and_stages(name: str) -> tuple[type, tuple[str, ...]]:
+    """(config class, training stages) of architecture ``name``: what RunConfig needs to validate a run."""
+    model_cls, config_cls = lookup(name)
+    return config_cls, model_cls.stages
+
+
+set_architecture_lookup(config_and_stages)
 
 
 def make_config(name: str, values: dict[str, Any] | None = None, source: str = "model config"):

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..config import check
 from .base import (PRIORS, BaseConfig, BrainModel, Cond, Conditioning, DiagonalGaussian, FittedGaussianPrior, Output,
                    gaussian_nll, randn)
 from .blocks import bottleneck_size, check_stages, conv_bn_act, up_bn_act
@@ -82,19 +83,17 @@ class ResVAEConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..config import _check
-
         check_stages(self.image_size, self.channels, self.patch)
-        _check(self.enc_blocks >= 0 and self.dec_blocks >= 0, "enc_blocks and dec_blocks must be >= 0")
-        _check(self.latent_dim > 0 and self.latent_channels >= 0, "latent_dim must be > 0, latent_channels >= 0")
-        _check(self.beta >= 0 and self.free_bits >= 0, "beta and free_bits must be >= 0")
-        _check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
-        _check(0 <= self.prior_decay < 1, "prior_decay must be in [0, 1)")
-        _check(0 < self.sigma_min < self.sigma_init, "need 0 < sigma_min < sigma_init")
-        _check(self.adv_weight >= 0 and self.adv_start >= 0 and self.fm_weight >= 0,
-               "adv_weight, adv_start and fm_weight must be >= 0")
-        _check(len(self.disc_channels) >= 1 and all(c > 0 for c in self.disc_channels),
-               "disc_channels must be positive")
+        check(self.enc_blocks >= 0 and self.dec_blocks >= 0, "enc_blocks and dec_blocks must be >= 0")
+        check(self.latent_dim > 0 and self.latent_channels >= 0, "latent_dim must be > 0, latent_channels >= 0")
+        check(self.beta >= 0 and self.free_bits >= 0, "beta and free_bits must be >= 0")
+        check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
+        check(0 <= self.prior_decay < 1, "prior_decay must be in [0, 1)")
+        check(0 < self.sigma_min < self.sigma_init, "need 0 < sigma_min < sigma_init")
+        check(self.adv_weight >= 0 and self.adv_start >= 0 and self.fm_weight >= 0,
+              "adv_weight, adv_start and fm_weight must be >= 0")
+        check(len(self.disc_channels) >= 1 and all(c > 0 for c in self.disc_channels),
+              "disc_channels must be positive")
 
 
 class Bottleneck(nn.Module):
@@ -315,10 +314,8 @@ class ResVAE(BrainModel):
         z = z.view(n, *self.latent_shape())
         return self.decode(z, cond)
 
-    @torch.no_grad()
-    def anomaly_map(self, x: Tensor, cond: Cond = None) -> Tensor:
-        """|x - mean reconstruction| (B, 1, H, W); ``decode_params`` also gives sigma for z-scores."""
-        return (x.float() - self.reconstruct(x, cond)).abs()
+    def likelihood(self) -> str:
+        return "learned per-pixel sigma (decode_params)"
 
     # -- adversarial term -----------------------------------------------------------------------------
     def _adversarial_active(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..config import check
 from .base import PRIORS, BaseConfig, FittedGaussianPrior, BrainModel, Cond, Conditioning, DiagonalGaussian, Output, gaussian_nll, randn
 from .blocks import ConvDecoder, ConvEncoder, bottleneck_size, check_stages
 from .registry import register
@@ -35,11 +36,9 @@ class VAEConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..config import _check
-
         check_stages(self.image_size, self.channels, self.patch)
-        _check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
-        _check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
+        check(self.latent_dim > 0 and self.beta >= 0 and self.sigma > 0, "latent_dim, beta, sigma must be positive")
+        check(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
 
 
 @register("vae", VAEConfig)
@@ -73,6 +72,10 @@ class VAE(BrainModel):
             z = torch.cat([z, e.to(z.dtype)], 1)
         h = self.from_latent(z).view(len(z), self.config.channels[-1], self.bottom, self.bottom)
         return torch.sigmoid(self.decoder(h))  # (B, 1, H, W)
+
+    @property
+    def fixed_sigma(self) -> float:
+        return self.config.sigma
 
     def losses(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian, kl_scale: float) -> dict[str, Tensor]:
         rec = gaussian_nll(x.float(), recon.float(), math.log(self.config.sigma))
@@ -113,10 +116,8 @@ class AEConfig(VAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..config import _check
-
-        _check(self.beta == 0, "ae has no KL term: beta must be 0")
-        _check(self.prior == "fitted", "ae samples from a Gaussian fitted to its codes: prior must be 'fitted'")
+        check(self.beta == 0, "ae has no KL term: beta must be 0")
+        check(self.prior == "fitted", "ae samples from a Gaussian fitted to its codes: prior must be 'fitted'")
 
 
 @register("ae", AEConfig)

@@ -43,9 +43,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..config import check
 from .base import BaseConfig, BrainModel, Cond, Conditioning, Output, gaussian_nll
 from .blocks import ConvDecoder, ConvEncoder, ResBlock, bottleneck_size, check_stages
 from .registry import register
+from .scoring import Score
 
 
 @dataclass(frozen=True)
@@ -70,21 +72,19 @@ class VQVAEConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..config import _check
-
         check_stages(self.image_size, self.channels, self.patch)
-        _check(self.res_blocks >= 0, "res_blocks must be >= 0")
-        _check(self.codebook_size >= 2 and self.code_dim > 0, "codebook_size must be >= 2 and code_dim positive")
-        _check(self.commitment >= 0 and self.sigma > 0, "commitment must be >= 0 and sigma positive")
-        _check(0 < self.codebook_decay < 1, "codebook_decay must be in (0, 1)")
-        _check(self.dead_threshold >= 0, "dead_threshold must be >= 0")
-        _check(self.prior_layers >= 1 and self.prior_width > 0, "prior_layers and prior_width must be positive")
-        _check(self.prior_heads >= 1 and self.prior_width % self.prior_heads == 0,
-               f"prior_width {self.prior_width} must be divisible by prior_heads {self.prior_heads}")
-        _check(0 <= self.prior_dropout < 1, "prior_dropout must be in [0, 1)")
-        _check(self.prior_window >= 0, "prior_window must be >= 0 (0 = full causal attention)")
-        _check(self.prior_weight >= 0 and self.temperature > 0, "prior_weight must be >= 0 and temperature positive")
-        _check(self.cond_dim > 0, "cond_dim must be positive")
+        check(self.res_blocks >= 0, "res_blocks must be >= 0")
+        check(self.codebook_size >= 2 and self.code_dim > 0, "codebook_size must be >= 2 and code_dim positive")
+        check(self.commitment >= 0 and self.sigma > 0, "commitment must be >= 0 and sigma positive")
+        check(0 < self.codebook_decay < 1, "codebook_decay must be in (0, 1)")
+        check(self.dead_threshold >= 0, "dead_threshold must be >= 0")
+        check(self.prior_layers >= 1 and self.prior_width > 0, "prior_layers and prior_width must be positive")
+        check(self.prior_heads >= 1 and self.prior_width % self.prior_heads == 0,
+              f"prior_width {self.prior_width} must be divisible by prior_heads {self.prior_heads}")
+        check(0 <= self.prior_dropout < 1, "prior_dropout must be in [0, 1)")
+        check(self.prior_window >= 0, "prior_window must be >= 0 (0 = full causal attention)")
+        check(self.prior_weight >= 0 and self.temperature > 0, "prior_weight must be >= 0 and temperature positive")
+        check(self.cond_dim > 0, "cond_dim must be positive")
 
 
 class Quantised:
@@ -164,10 +164,6 @@ class EMACodebook(nn.Module):
             self.codes[dead] = new
             self.cluster_size[dead] = self.dead_threshold
             self.code_sum[dead] = new * self.dead_threshold
-
-    def usage(self) -> float:
-        """Fraction of codes in use: moving-average count above the restart threshold (restarted codes sit at it)."""
-        return float((self.cluster_size > self.dead_threshold).float().mean())
 
 
 class CausalBlock(nn.Module):
@@ -369,6 +365,14 @@ class VQVAE(BrainModel):
                temperature: float | None = None) -> Tensor:
         """Ancestral samples from the prior, decoded: (n, 1, H, W) in [0, 1]."""
         return self.decode_indices(self.sample_indices(n, cond, generator, temperature))
+
+    @property
+    def fixed_sigma(self) -> float:
+        return self.config.sigma
+
+    def scores(self) -> dict[str, Score]:
+        return {**super().scores(), "prior_nll": Score(lambda b: b.model.prior_nll_map(b.x, b.cond).float(),
+                                                       "VQ-VAE prior's NLL of each code, upsampled (vqvae only)")}
 
     @torch.no_grad()
     def prior_nll_map(self, x: Tensor, cond: Cond = None) -> Tensor:

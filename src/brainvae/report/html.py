@@ -1,7 +1,8 @@
 """Small helpers for self-contained HTML pages: escaped text, tables, embedded PNGs.
 
 Every page built with these opens in any browser without a network: figures
-are embedded as base64 ``data:`` URIs and the CSS is inline.
+are embedded as base64 ``data:`` URIs and the CSS and scripts (package files
+in ``report/assets/``) are inlined.
 """
 
 from __future__ import annotations
@@ -9,22 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+from importlib import resources
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; line-height: 1.4; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: .9em; color: #555; }
-.notice { background: #fff3cd; border: 2px solid #e0a800; padding: .8em 1em; font-weight: bold; margin: 1em 0; }
-.muted { color: #666; }
-"""
+
+def asset(name: str) -> str:
+    """The text of a file in ``brainvae/report/assets/`` (CSS or JavaScript inlined into pages)."""
+    return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def esc(text: object) -> str:
@@ -51,9 +45,9 @@ def figure_html(fig_or_bytes: Figure | bytes, caption: str = "") -> str:
     return f'<figure><img src="{png_data_uri(fig_or_bytes)}" alt="{esc(caption)}">{cap}</figure>'
 
 
-def table_html(df: pd.DataFrame, *, index: bool = False, float_format: str = "{:.4g}") -> str:
-    """A pandas table as HTML, cell text escaped, floats formatted, NaN shown empty."""
-    return df.to_html(index=index, escape=True, na_rep="", border=0,
+def table_html(df: pd.DataFrame, *, index: bool = False, float_format: str = "{:.4g}", classes: str = "") -> str:
+    """A pandas table as HTML, cell text escaped, floats formatted, NaN shown empty; ``classes`` for CSS."""
+    return df.to_html(index=index, escape=True, na_rep="", border=0, classes=classes or None,
                       float_format=lambda v: float_format.format(v))
 
 
@@ -69,34 +63,15 @@ def notice(text: str) -> str:
     return f'<div class="notice">{esc(text)}</div>'
 
 
-# Records script errors, console errors and whether every image decoded into data attributes of
-# <body> (data-errors, data-images-ok="decoded/total"), so a headless browser's --dump-dom shows them.
-SELF_CHECK_JS = """
-(function () {
-  var errors = [];
-  function note(msg) { errors.push(String(msg)); if (document.body) document.body.dataset.errors = errors.join(" | "); }
-  window.addEventListener("error", function (e) { note(e.message || ("resource failed: " + (e.target && e.target.src))); }, true);
-  window.addEventListener("unhandledrejection", function (e) { note("unhandled rejection: " + e.reason); });
-  var consoleError = console.error;
-  console.error = function () { note(Array.prototype.join.call(arguments, " ")); consoleError.apply(console, arguments); };
-  window.addEventListener("load", function () {
-    var imgs = document.images, ok = 0;
-    for (var i = 0; i < imgs.length; i++) if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++;
-    document.body.dataset.imagesOk = ok + "/" + imgs.length;
-    document.body.dataset.errors = errors.join(" | ");
-  });
-})();
-"""
-
-
 def page(title: str, body_html: str, *, css: str = "", script: str = "") -> str:
     """A complete HTML document with inline CSS; ``body_html`` is inserted as is (already escaped).
 
     ``css`` is appended to the shared style sheet; ``script`` is inline JavaScript run at the end of
-    the body. Every page carries :data:`SELF_CHECK_JS` (no network, nothing sent anywhere).
+    the body. Every page carries ``assets/self_check.js`` (no network, nothing sent anywhere).
     """
     tail = f"<script>\n{script}\n</script>\n" if script else ""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{esc(title)}</title>\n<style>{_CSS}{css}</style>\n<script>{SELF_CHECK_JS}</script>\n"
+            f"<title>{esc(title)}</title>\n<style>{asset('page.css')}{css}</style>\n"
+            f"<script>{asset('self_check.js')}</script>\n"
             f"</head>\n<body>\n<h1>{esc(title)}</h1>\n{body_html}\n{tail}</body>\n</html>\n")

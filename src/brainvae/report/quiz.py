@@ -32,7 +32,7 @@ import pandas as pd
 
 from ..errors import BrainVAEError, InputFileError, OutputExistsError
 from ..io.atomic import atomic_dir, atomic_write_bytes
-from .html import esc, page, png_data_uri
+from .html import asset, esc, page, png_data_uri
 
 CONFIDENCE = (1, 2, 3, 4, 5)
 ANSWERS = {"real": 0, "r": 0, "synthetic": 1, "synth": 1, "s": 1, "fake": 1, "generated": 1}
@@ -123,100 +123,6 @@ def make_quiz(run: Path, store: Path, out: Path, *, n: int = 40, seed: int = 0, 
     return out
 
 
-_QUIZ_CSS = """
-.quiz { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 1em; }
-.item { border: 2px solid #ccc; border-radius: 6px; padding: .5em; background: #fafafa; }
-.item.done { border-color: #2a7a2a; }
-.item img { width: 100%; height: auto; background: #000; display: block; }
-.item .id { font-weight: bold; margin: .3em 0; }
-.item fieldset { border: 0; padding: 0; margin: .2em 0; }
-.bar { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #ddd; z-index: 1; }
-button { font-size: 1em; padding: .4em 1em; } .small { font-size: .85em; }
-"""
-
-_QUIZ_JS = """
-var QUIZ_ID = %(quiz_id)s;
-var STORE_KEY = "brainvae-quiz-" + QUIZ_ID;
-function items() { return Array.prototype.slice.call(document.querySelectorAll(".item")); }
-function checked(name) {
-  var el = document.querySelector('input[name="' + name + '"]:checked');
-  return el ? el.value : "";
-}
-function field(s) { s = String(s); return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
-function answersCsv() {
-  var reader = document.getElementById("reader").value.trim();
-  var lines = ["quiz_id,item,answer,confidence,reader"];
-  items().forEach(function (it) {
-    var id = it.dataset.item;
-    lines.push([QUIZ_ID, id, checked(id + "-answer"), checked(id + "-confidence"), reader].map(field).join(","));
-  });
-  return lines.join("\\n") + "\\n";
-}
-function update() {
-  var done = 0, state = {reader: document.getElementById("reader").value, answers: {}};
-  items().forEach(function (it) {
-    var id = it.dataset.item, a = checked(id + "-answer"), c = checked(id + "-confidence");
-    var complete = a !== "" && c !== "";
-    it.classList.toggle("done", complete);
-    if (complete) done++;
-    state.answers[id] = [a, c];
-  });
-  document.getElementById("progress").textContent = done + " of " + items().length + " answered";
-  try { localStorage.setItem(STORE_KEY, JSON.stringify(state)); } catch (e) { /* storage may be disabled */ }
-  return done;
-}
-function restore() {
-  var state = null;
-  try { state = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (e) { state = null; }
-  if (!state) return;
-  document.getElementById("reader").value = state.reader || "";
-  Object.keys(state.answers || {}).forEach(function (id) {
-    var v = state.answers[id];
-    [[id + "-answer", v[0]], [id + "-confidence", v[1]]].forEach(function (p) {
-      var el = document.querySelector('input[name="' + p[0] + '"][value="' + p[1] + '"]');
-      if (el) el.checked = true;
-    });
-  });
-}
-function csvBlobUrl(text) { return URL.createObjectURL(new Blob([text], {type: "text/csv"})); }
-function exportCsv() {
-  var done = update(), total = items().length;
-  var text = answersCsv();
-  var reader = document.getElementById("reader").value.trim() || "reader";
-  var a = document.createElement("a");
-  a.href = csvBlobUrl(text);
-  a.download = "answers-" + reader.replace(/[^A-Za-z0-9_-]+/g, "_") + ".csv";
-  document.body.appendChild(a);
-  a.click();
-  setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
-  document.getElementById("status").textContent = done < total
-    ? "Exported, but " + (total - done) + " image(s) are not answered yet." : "Exported all " + total + " answers.";
-  return text;
-}
-document.getElementById("export").addEventListener("click", exportCsv);
-document.querySelector(".quiz").addEventListener("change", update);
-document.getElementById("reader").addEventListener("input", update);
-if (location.hash === "#selftest") {
-  // Test hook: answer every item, then put the exported CSV into the page (no download).
-  document.getElementById("reader").value = "selftest";
-  items().forEach(function (it, i) {
-    var id = it.dataset.item;
-    document.querySelector('input[name="' + id + '-answer"][value="' + (i %% 2 ? "real" : "synthetic") + '"]').checked = true;
-    document.querySelector('input[name="' + id + '-confidence"][value="' + (1 + i %% 5) + '"]').checked = true;
-  });
-  update();
-  var text = answersCsv();
-  var url = csvBlobUrl(text);
-  URL.revokeObjectURL(url);
-  document.getElementById("csv-out").textContent = text;
-  document.body.dataset.exported = url.indexOf("blob:") === 0 ? "yes" : "no";
-} else {
-  restore();
-  update();
-}
-"""
-
-
 def quiz_html(items: list[tuple[str, bytes]], quiz_id: str) -> str:
     """The readers' page: one card per (item id, PNG) with real/synthetic and confidence buttons."""
     cards = []
@@ -241,8 +147,8 @@ def quiz_html(items: list[tuple[str, bytes]], quiz_id: str) -> str:
         f'<div class="quiz">{"".join(cards)}</div>'
         f'<p class="muted small">Quiz {esc(quiz_id)}.</p><pre id="csv-out" hidden></pre>'
     )
-    return page("Real or synthetic?", body, css=_QUIZ_CSS,
-                script=_QUIZ_JS % {"quiz_id": json.dumps(quiz_id)})
+    return page("Real or synthetic?", body, css=asset("quiz.css"),
+                script=f"var QUIZ_ID = {json.dumps(quiz_id)};\n{asset('quiz.js')}")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -22,24 +22,28 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..config import RunConfig, TrainConfig, load_config, save_config, to_dict
 from ..data.dataset import SliceBatches
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..hardware import cpu_has_native_bf16
+from ..io.atomic import atomic_dir, atomic_write_bytes, refuse_overlap
 from ..models.registry import build
+from ..progress import bar as progress_bar, say
 from ..provenance import provenance
 from ..rundir import RunDir
-from .checkpoint import ema_tensors, load_state, load_weights, save_state, save_weights
+from .checkpoint import ema_tensors, load_state_for, load_weights, save_checkpoint
 
 CHECKPOINT_SECONDS = 300  # also save `last` this often, so a kill loses at most this much
 
@@ -64,6 +68,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """bfloat16 / float16 / fp32 (an ``autocast_dtype`` result), as the summary records it."""
+    return str(dtype).replace("torch.", "") if dtype else "fp32"
 
 
 def lr_factor(step: int, progress: float, warmup: int, min_ratio: float) -> float:
@@ -116,28 +125,81 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _prepare_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, resume: bool, force: bool,
-                     rank: int) -> RunConfig:
-    rd = RunDir(run_dir)
-    cfg_path = rd.config_file
-    if resume:
-        if not cfg_path.exists():
-            raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
-        return load_config(RunConfig, cfg_path)  # the run's own config wins
-    if rank == 0:  # only rank 0 looks: other ranks would see the folder rank 0 just created
-        if run_dir.exists() and any(run_dir.iterdir()) and not force:
-            raise OutputExistsError(run_dir)
-        if run_dir.exists() and force:
-            import shutil
+def _check_new_run(run_dir: Path, force: bool) -> None:
+    """A new run needs an empty or missing folder, or ``force`` (the old run is replaced only later, by
+    ``_create_run_dir``, once every input has been checked)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BrainVAEError(f"{run_dir}: exists and is not a folder")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise OutputExistsError(run_dir)
 
-            shutil.rmtree(run_dir)
-        rd.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_config(run_cfg, cfg_path)
-        rd.provenance_file.write_text(json.dumps(
-            provenance(store=str(store.path), store_config=to_dict(store.config)), indent=2))
+
+def _check_resume(run_dir: Path, run_cfg: RunConfig, store: SliceStore) -> None:
+    """``--resume`` continues a run exactly as it was started: the same config and options, the same store."""
+    rd = RunDir(run_dir)
+    if not rd.config_file.exists():
+        raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
+    saved = load_config(RunConfig, rd.config_file)
+    changed = _differences(_as_saved(saved), _as_saved(run_cfg))
+    if changed:
+        raise BrainVAEError(f"{run_dir}: --resume continues a run exactly as it was started, but {'; '.join(changed)}. "
+                            f"Give the same config and options as when it started (or train on from its weights "
+                            f"in a new folder with --init {run_dir})")
+    if not rd.trained_on(store):
+        raise BrainVAEError(f"{store.path}: not the store {run_dir} was trained on ({rd.provenance().get('store')}); "
+                            "--resume needs the same --data (train a new run for another store)")
+
+
+def _as_saved(cfg: RunConfig) -> dict:
+    """The config as config.toml holds it (tuples as lists, no None), so a saved and a given config compare."""
+    return tomllib.loads(tomli_w.dumps(to_dict(cfg)))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'train.steps was 20, now 40' for every dotted key whose value differs."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} was {'not set' if a is None else repr(a)}, now {'not set' if b is None else repr(b)}")
+    return out
+
+
+def _create_run_dir(run_dir: Path, run_cfg: RunConfig, store: SliceStore, rank: int) -> Path | None:
+    """Write config and provenance beside ``run_dir``, then swap them in. An old run (``--force``) is moved
+    aside to ``.NAME.replaced``, whose path is returned: ``Run.save`` deletes it with the new run's first
+    checkpoint, and ``train`` puts it back if the new run fails before that."""
+    replaced = None
+    if rank == 0:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            replaced = run_dir.with_name(f".{run_dir.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+        with atomic_dir(run_dir, force=True, backup=replaced) as tmp:
+            rd = RunDir(tmp)
+            rd.checkpoints.mkdir()
+            save_config(run_cfg, rd.config_file)
+            rd.provenance_file.write_text(json.dumps(provenance(
+                store=str(store.path), store_config=to_dict(store.config), store_fingerprint=store.fingerprint()),
+                indent=2))
     if dist.is_initialized():
         dist.barrier()
-    return run_cfg
+    return replaced
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after the checkpoint a run resumes from (they are logged again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line.rstrip("\n") + "\n")
+        except ValueError:  # a line cut short by a kill
+            pass
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 @dataclass
@@ -156,6 +218,7 @@ class Run:
     on_validate: object
     writer: object = None
     log: object = None
+    replaced: Path | None = None  # the old run --force replaces, kept until the first checkpoint
 
     @property
     def ckpt(self) -> Path:
@@ -171,15 +234,19 @@ class Run:
                     self.writer.add_scalar(k, v, record["step"])
 
     def save(self, name: str, st: dict, optimisers: dict, ema: "EMA | None") -> None:
+        """``<name>.safetensors`` and ``<name>.state.pt`` as one unit, both recording the step and stage."""
         if self.rank != 0:
             return
-        save_weights(self.ckpt / f"{name}.safetensors", self.model, ema.shadow if ema else None,
-                     {"step": st["step"], "epoch": st["epoch"], "stage": st["stage"]})
         state = {"optimisers": {n: o.state_dict() for n, o in optimisers.items()}, "counters": dict(st),
                  "rng": torch.get_rng_state()}
         if self.dev.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        save_state(self.ckpt / f"{name}.state.pt", state)
+        save_checkpoint(self.ckpt / f"{name}.safetensors", self.ckpt / f"{name}.state.pt", self.model,
+                        ema.shadow if ema else None, {"step": st["step"], "epoch": st["epoch"], "stage": st["stage"]},
+                        state)
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
 
 
 def new_counters(stage: int = 0, step: int = 0, elapsed_done: float = 0.0) -> dict:
@@ -226,8 +293,8 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     budget = cfg.budget_seconds
     desc = f"train {run.cfg.arch}" + (f" ({name})" if len(model.stages) > 1 else "")
-    bar = tqdm(total=total_steps, initial=st["step"] - st["stage_start"], unit="step", desc=desc,
-               disable=not run.progress or run.rank != 0)
+    bar = progress_bar(total=total_steps, initial=st["step"] - st["stage_start"], unit="step", desc=desc,
+                       disable=not run.progress or run.rank != 0)
     t_start = time.perf_counter() - st["elapsed"]
     last_save = t_images = time.perf_counter()
     images_seen = 0
@@ -282,7 +349,7 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
                               "train/grad_norm": float(grad_norm), "train/kl_scale": kl_scale}
                     record.update({f"train/{k}": float(v.detach().float().mean()) / n_pixels for k, v in out.losses.items()})
                     run.emit(record)
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 st["elapsed"] = time.perf_counter() - t_start
                 if st["step"] - st["stage_start"] >= total_steps or (budget and st["elapsed"] >= budget):
                     stop = True
@@ -332,11 +399,21 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     (``RunConfig.stage_plan``); ``--resume`` continues inside whichever stage was interrupted.
     ``on_validate(step, epoch, val_loss_per_pixel)`` is called after each epoch's validation
     (``brainvae tune`` prunes trials from it by raising).
+
+    Every input (store, config, device, model, ``[init]`` source, the checkpoint resumed from) is checked
+    before anything is written; ``force`` replaces an old run only then, and an output that overlaps an
+    input is refused. ``resume`` refuses a config or store other than the run's. A new run that fails before
+    its first checkpoint is removed, so it does not block the rerun.
     """
     run_dir = Path(run_dir)
     store = SliceStore(store_path)
     rank, world = _distributed()
-    run_cfg = _prepare_run_dir(run_dir, run_cfg, store, resume, force, rank)
+    init_source = RunDir.resolve(run_cfg.init["from"]).path if run_cfg.init.get("from") else None
+    refuse_overlap(run_dir, [store.path, init_source])
+    if resume:
+        _check_resume(run_dir, run_cfg, store)
+    elif rank == 0:  # only rank 0 looks: other ranks would see the folder rank 0 creates
+        _check_new_run(run_dir, force)
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -353,17 +430,29 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     plan = run_cfg.stage_plan(model.stages)
 
     st, saved = new_counters(), None
-    if resume and (run.ckpt / "last.safetensors").exists():
-        load_weights(run.ckpt / "last.safetensors", model)
-        saved = load_state(run.ckpt / "last.state.pt")
+    last = run.ckpt / "last.safetensors"
+    if resume and last.exists():
+        load_weights(last, model)
+        saved = load_state_for(last, run.ckpt / "last.state.pt")
         st.update(saved["counters"])
-        saved["ema"] = ema_tensors(run.ckpt / "last.safetensors")
+        saved["ema"] = ema_tensors(last)
         torch.set_rng_state(saved["rng"])
         if dev.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
     elif run_cfg.init.get("from"):
         st = _init_from(run_cfg, model, plan, slices[0])
+    if resume:
+        if rank == 0:
+            _truncate_metrics(run_dir / "metrics.jsonl", st["step"])
+    else:
+        run.replaced = _create_run_dir(run_dir, run_cfg, store, rank)
 
+    if rank == 0:
+        t = run_cfg.train
+        limit = (f"{t.steps} steps" if t.steps else f"{t.epochs} epochs") + (f" or {t.budget}" if t.budget else "")
+        say(f"train {run_cfg.arch} ({size} px) on {store.path}: {len(slices[0])} train / {len(slices[1])} val "
+            f"slices, {dev}, {precision_name(autocast_dtype(t.precision, dev))}, {limit}"
+            f"{', resuming at step ' + str(st['step']) if resume else ''} -> {run_dir}", err=True)
     run.writer = _writer(run_dir) if rank == 0 else None
     run.log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
     try:
@@ -379,13 +468,17 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
                 history = st["history"] + [_stage_summary(name, st, size, cfg.batch_size * world)]
                 st.update(new_counters(index + 1, st["step"], st["elapsed_done"] + st["elapsed"]), history=history)
                 model.set_stage(plan[index + 1][0])
-                model.begin_stage(plan[index + 1][0], run.train_data)
+                model.begin_stage(plan[index + 1][0], slices[0])
                 run.save("last", st, {}, None)
+    except BaseException:
+        if not resume and rank == 0 and not last.exists():  # nothing worth keeping; the rerun starts clean
+            _close_logs(run)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if run.replaced is not None:  # --force: the old run comes back
+                os.replace(run.replaced, run_dir)
+        raise
     finally:
-        if run.log is not None:
-            run.log.close()
-        if run.writer is not None:
-            run.writer.close()
+        _close_logs(run)
     cfg = plan[-1][1]
     amp = autocast_dtype(cfg.precision, dev)
     seconds = st["elapsed_done"] + st["elapsed"]
@@ -393,7 +486,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(seconds, 1),
                "images_per_second": round(sum(s.get("images", 0) for s in stages) / max(seconds, 1e-9), 1),
                "best_val_loss_per_pixel": st["best_val"] / size ** 2, "device": str(dev), "world_size": world,
-               "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+               "precision": precision_name(amp)}
     if len(plan) > 1:
         summary["stages"] = stages
     if run_cfg.init:
@@ -401,6 +494,14 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     if rank == 0:
         RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _close_logs(run: Run) -> None:
+    if run.log is not None:
+        run.log.close()
+    if run.writer is not None:
+        run.writer.close()
+    run.log = run.writer = None
 
 
 def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches) -> dict:

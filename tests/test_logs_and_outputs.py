@@ -1,0 +1,184 @@
+"""Issue 11 §3-§4: logs under a scheduler (plain lines, --quiet, --log-file), what `sample` / `reconstruct` write
+(greyscale PNGs, an honest NIfTI, meta.json), runs refused on a store that does not match, the API example."""
+
+from __future__ import annotations
+
+import io
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from brainvae import progress
+from brainvae.cli import app
+from brainvae.data.store import SliceStore
+from brainvae.io.download import file_sha256
+from brainvae.rundir import RunDir, shipped_models
+
+from conftest import make_store
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+TINY = ["--set", "model.image_size=32", "--set", "model.channels=[8,16]", "--set", "model.latent_dim=8",
+        "--set", "train.batch_size=8", "--set", "train.val_batches=1", "--set", "train.precision=fp32"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step cvae on a tiny 32 px store, trained through the CLI with a log file: (store, run, result, log)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    store, run, log = make_store(tmp / "store"), tmp / "run", tmp / "train.log"
+    result = invoke("train", "cvae", "--data", store, "--out", run, "--steps", 3, "--log-file", log, *TINY)
+    assert result.exit_code == 0, result.output
+    return store, run, result, log
+
+
+def plain(text: str) -> list[str]:
+    """The lines of redirected output, checked to be what a scheduler's log can hold."""
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 300, max(lines, key=len)
+    return lines
+
+
+# -- logs ------------------------------------------------------------------------------------------------------
+
+def test_progress_bar_writes_whole_lines_when_stderr_is_not_a_terminal(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.0)  # a line at every update
+    for _ in progress.bar(range(300), desc="work", unit="item", leave=False):
+        pass
+    lines = plain(err.getvalue())
+    assert len(lines) > 3 and lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%|")
+
+
+def test_train_under_a_scheduler_logs_start_progress_and_summary(trained):
+    store, run, result, log = trained
+    lines = plain(result.output)
+    start = f"train cvae (32 px) on {store}: 32 train / 8 val slices, cpu, fp32, 3 steps -> {run}"
+    assert lines[0] == start and lines[-1].startswith("trained cvae: 3 steps in ")
+    assert [line for line in lines if line.startswith("train cvae: ")][-1].startswith("train cvae: 100%|")
+    assert plain(log.read_text()) == lines  # --log-file holds the same lines
+
+
+def test_quiet_keeps_the_start_line_and_summary_and_the_log_its_progress(tiny_store, tmp_path):
+    log = tmp_path / "logs" / "quiet.log"
+    r = invoke("train", "vae", "--data", tiny_store, "--out", tmp_path / "run", "--steps", 2, "--quiet",
+               "--log-file", log, *TINY)
+    assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert len(lines) == 2 and lines[0].startswith("train vae (32 px) on ") and lines[1].startswith("trained vae: 2 steps")
+    logged = plain(log.read_text())
+    assert logged[0] == lines[0] and logged[-1] == lines[1] and any("100%|" in line for line in logged)
+    r = invoke("train", "vae", "--data", tiny_store, "--out", tmp_path / "r2", "--log-file", tmp_path / "r2" / "x.log")
+    assert r.exit_code == 1 and "may not lie inside the output folder" in r.output
+
+
+def test_prepare_lists_subjects_without_age_or_sex_and_without_skull_stripping(ixi_folder, tmp_path):
+    (ixi_folder / "demographics.csv").unlink()
+    for mask in (ixi_folder / "masks").iterdir():
+        mask.unlink()
+    (ixi_folder / "masks").rmdir()
+    log = tmp_path / "prepare.log"
+    r = invoke("data", "prepare", ixi_folder, "--out", tmp_path / "s", "--size", 16, "--spacing", 6, "--no-n4",
+               "--workers", 1, "--quiet", "--log-file", log)
+    assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert [line for line in plain(log.read_text()) if line not in lines][-1].startswith("prepare: 100%|")
+    assert lines[0] == f"prepare 6 ixi volumes of {ixi_folder} (T1, axial, 16 px) -> {tmp_path / 's'}"
+    subjects = "6 of 6 subjects: IXI001, IXI002, IXI003, IXI004, IXI005, IXI006"
+    for what in ("age unknown (no demographics file found; give one with --demographics)",
+                 "sex unknown (no demographics file found; give one with --demographics)",
+                 "no skull stripping (no brain mask: intensities are normalised over the whole head; give masks "
+                 "with --masks)"):
+        assert f"note: {what}: {subjects}" in lines
+        assert f"{what}: {subjects}" in (tmp_path / "s" / "problems.txt").read_text().splitlines()
+    assert lines[-2].startswith("prepared ") and lines[-1].startswith("problems are listed in ")
+
+
+# -- outputs of sample and reconstruct -------------------------------------------------------------------------
+
+def test_sample_writes_greyscale_pngs_an_honest_nifti_and_its_conditions(trained, tmp_path):
+    _, run, _, _ = trained
+    out = tmp_path / "samples"
+    r = invoke("sample", run, "-n", 3, "--age", 70, "--sex", "female", "--out", out)
+    assert r.exit_code == 0, r.output
+    for png in (out / "grid.png", out / "png" / "0000.png"):
+        assert Image.open(png).mode == "L"  # 8-bit greyscale, not a colour-mapped RGBA
+    img = nib.load(out / "slices.nii.gz")
+    assert img.shape == (32, 32, 1, 3)  # samples along axis 4: no spacing claimed between unrelated slices
+    assert img.header.get_zooms() == (6.0, 6.0, 6.0, 1.0)
+    description = "3 independent samples along axis 4 (not slices of one volume)"
+    assert img.header["descrip"].item().decode() == description
+    meta = json.loads((out / "meta.json").read_text())
+    best = run / "checkpoints" / "best.safetensors"
+    assert meta["images"] == description and meta["n"] == 3 and meta["seed"] == 0
+    assert meta["cond"] == {"age": 70.0, "sex": "F", "position": "not given"}
+    assert meta["checkpoint"] == {"path": str(best), "sha256": file_sha256(best), "step": 3, "stage": 0}
+
+
+def test_reconstructions_label_which_half_is_real(trained, tmp_path):
+    store, run, _, _ = trained
+    out = tmp_path / "recon"
+    r = invoke("reconstruct", run, "--data", store, "-n", 4, "--out", out)
+    assert r.exit_code == 0, r.output
+    img = nib.load(out / "slices.nii.gz")
+    description = "axis 4: 0-3 real test slices, 4-7 their reconstructions"
+    assert img.shape == (32, 32, 1, 8) and img.header["descrip"].item().decode() == description
+    assert json.loads((out / "meta.json").read_text())["images"] == description
+
+
+# -- a run and a store that do not match -----------------------------------------------------------------------
+
+def test_a_store_of_another_size_needs_resize(trained, tmp_path):
+    _, run, _, _ = trained
+    small, lesions = make_store(tmp_path / "small", size=16), tmp_path / "small-lesions"
+    assert invoke("data", "anomalies", small, "--out", lesions, "--split", "all").exit_code == 0
+    for store, command in ((small, ["reconstruct", run, "--out", tmp_path / "r"]),
+                           (small, ["interpolate", run, 0, 1, "--out", tmp_path / "i"]),
+                           (small, ["evaluate", run, "--out", tmp_path / "e"]),
+                           (lesions, ["anomaly", run, "--out", tmp_path / "a"]),
+                           (small, ["quiz", "make", run, "--out", tmp_path / "q"])):
+        r = invoke(*command, "--data", store)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert f"{store}: its slices are 16 x 16 px, but run was trained on 32 x 32 px slices; prepare the store " \
+               f"with --size 32, or pass --resize" in " ".join(r.output.split()), command
+    r = invoke("reconstruct", run, "--data", small, "-n", 2, "--out", tmp_path / "r", "--resize")
+    assert r.exit_code == 0, r.output
+
+
+def test_evaluate_refuses_training_subjects_and_warns_on_another_store(trained, tmp_path):
+    store, run, _, _ = trained
+    other = make_store(tmp_path / "other", seed=1)  # the same source checksums as the training store
+    r = invoke("evaluate", run, "--data", other, "--out", tmp_path / "e")
+    assert r.exit_code == 1 and "1 of its test subjects (S05) are volumes run trained on" in " ".join(r.output.split())
+    rd = RunDir.resolve(run)
+    assert rd.other_store_warning(SliceStore(store), "test") is None
+    manifest = pd.read_csv(other / "manifest.csv")
+    manifest["checksum"] = manifest["subject"]  # other volumes than the run's
+    manifest.to_csv(other / "manifest.csv", index=False)
+    warning = rd.other_store_warning(SliceStore(other), "test")
+    assert warning.startswith(f"{other} is not the store run was trained on ({store})")
+
+
+# -- the Python API example ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif("ixi-t1-128" not in shipped_models(), reason="the pretrained model is not shipped")
+def test_python_api_example_runs_on_the_shipped_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["python_api.py", str(tmp_path)])
+    runpy.run_path(str(ROOT / "examples" / "python_api.py"), run_name="__main__")
+    assert "generate: (4, 1, 128, 128)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "age75-M" / "meta.json").read_text())
+    assert meta["cond"] == {"age": 75.0, "sex": "M", "position": 0.5} and meta["sampler"]["steps"] == 8
+    assert Image.open(tmp_path / "age75-M" / "png" / "0007.png").size == (128, 128)
