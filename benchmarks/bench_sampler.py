@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from brainvae import generate as G
+from brainvae.conditions import conditions_of
+from brainvae.data.resize import read_resized
 from brainvae.data.store import SliceStore
 from brainvae.evaluate import features as Fe
 from brainvae.evaluate import realism as R
 from brainvae.evaluate.c2st import c2st
-from brainvae.evaluate.run_eval import conditions_of, load_rows
 from brainvae.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +53,10 @@ def main() -> None:
     m = min(args.n, len(test_rows), len(train_rows))
     test_sel = np.sort(rng.choice(test_rows, m, replace=False))
     train_sel = np.sort(rng.choice(train_rows, m, replace=False))
-    real, train = load_rows(store, test_sel, size), load_rows(store, train_sel, size)
+    real, train = read_resized(store.images, test_sel, size), read_resized(store.images, train_sel, size)
     subject = store.manifest["subject"].to_numpy()
-    cond = {k: v for k, v in conditions_of(store, test_sel).items() if k in model.config.conditions} or None
+    cond = {k: v for k, v in conditions_of(store.manifest.iloc[test_sel]).items()
+            if k in model.config.conditions} or None
 
     net, _ = Fe.load_or_train_featnet(store, Fe.FeatNetConfig(), progress=False)
     pca = Fe.fit_pca(train, seed=args.seed)
