@@ -10,10 +10,10 @@ import torch
 
 from brainvae.config import RunConfig, TrainConfig
 from brainvae.errors import BrainVAEError
-from brainvae.export import export_model
+from brainvae.export import export_model, training_lines
 from brainvae.generate import load, sample_images
 from brainvae.models.flow import FlowConfig, FlowPrior
-from brainvae.models.ldm import LatentBatches
+from brainvae.models.ldm import LatentBatches, zero_background
 from brainvae.models.registry import build
 from brainvae.train.engine import train
 
@@ -109,7 +109,7 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
     # an exported copy can change the default sampler without touching the weights
     export_model(cut, tmp_path / "exported", model_overrides={"prior": {"steps": 3, "solver": "euler"}})
     exported, original = load(tmp_path / "exported"), load(cut)
-    assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0}
+    assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0, "background": 0.0}
     assert original.sampler_settings()["steps"] == 16
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
     assert "steps = 3" in (tmp_path / "exported" / "config.toml").read_text()
@@ -123,7 +123,10 @@ def test_init_from_a_run_trains_only_the_prior_on_its_frozen_autoencoder(tiny_st
     summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
     assert summary["stages"][0] == {"stage": "autoencoder", "from": str(first)}
     assert summary["stages"][1]["stage"] == "prior" and summary["stages"][1]["steps"] == 4
-    assert summary["init"] == {"from": str(first), "start": "prior"}
+    assert summary["init"]["from"] == str(first) and summary["init"]["start"] == "prior"
+    assert summary["init"]["source"]["steps"] == 8  # the lineage: the first run's training is recorded too
+    card = "\n".join(training_lines(summary))
+    assert f"taken as it was from `{first}`" in card and "stage autoencoder: 4 steps" in card
     before, after = load(first), load(tmp_path / "second")
     assert all(torch.equal(v, before.autoencoder.state_dict()[k]) for k, v in after.autoencoder.state_dict().items())
     assert not all(torch.equal(v, before.flow.state_dict()[k]) for k, v in after.flow.state_dict().items())
@@ -156,3 +159,27 @@ def test_sample_options_are_refused_by_models_without_them():
     model = build("vae", {"image_size": 32, "channels": (8, 16), "latent_dim": 4})
     with pytest.raises(BrainVAEError, match="guidance"):
         sample_images(model, 2, None, seed=0, sampler={"guidance": 2.0})
+
+
+def test_zero_background_keeps_the_brain_with_its_dark_holes_and_zeroes_the_haze_around_it():
+    yy, xx = np.mgrid[:32, :32]
+    r = np.hypot(yy - 16, xx - 16)
+    image = np.where(r < 10, 0.6, 0.02)  # a brain in a faint haze
+    image[(r < 3)] = 0.05  # a dark ventricle inside: below the threshold but enclosed
+    image[2:4, 2:4] = 0.5  # a speck of noise: far smaller than the brain
+    x = torch.tensor(image, dtype=torch.float32)[None, None]
+    out = zero_background(x, 0.1)[0, 0].numpy()
+    assert np.all(out[r >= 10] == 0)  # haze and speck gone
+    assert np.allclose(out[r < 10], image[r < 10])  # the brain and its ventricle untouched
+
+
+def test_ldm_samples_are_zero_outside_the_brain_when_background_is_set():
+    torch.manual_seed(0)
+    model = build("ldm", {**{k: v for k, v in TINY_LDM.items() if k != "arch"}, "background": 0.1}).eval()
+    images = model.sample(3, None, torch.Generator().manual_seed(0), steps=2)
+    assert images.shape == (3, 1, 32, 32)
+    kept = zero_background(images, 0.1)
+    assert torch.equal(images, kept)  # already stripped: stripping again changes nothing
+    assert model.sampler_settings()["background"] == 0.1
+    with pytest.raises(BrainVAEError, match="background"):
+        build("ldm", {"image_size": 32, "background": 1.5})

@@ -49,6 +49,25 @@ def _fmt(v) -> str:
     return "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
+def training_lines(summary: dict, indent: str = "  ") -> list[str]:
+    """Markdown lines of a run's stages; a run started from another model ([init]) lists that model's training
+    too (recorded in its summary), so a card tells the whole lineage."""
+    lines = []
+    for stage in summary.get("stages", []):
+        if "from" in stage:
+            lines.append(f"{indent}- stage {stage['stage']}: taken as it was from `{stage['from']}`")
+        else:
+            lines.append(f"{indent}- stage {stage['stage']}: {stage['steps']} steps, {stage['seconds']} s")
+    init = summary.get("init")
+    if init:
+        source = init.get("source") or {}
+        lines.append(f"{indent}- started from the weights of `{init['from']}`"
+                     + (f": {source.get('steps', '?')} steps, {source.get('seconds', '?')} s before this run"
+                        if source else " (its training record was not found)"))
+        lines += training_lines(source, indent + "  ")
+    return lines
+
+
 def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | None = None,
                limitations: tuple[str, ...] = ()) -> str:
     cfg = load_config(RunConfig, run.config_file)
@@ -78,8 +97,7 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
               f"- {summary.get('steps', '?')} optimiser steps in {summary.get('seconds', '?')} s "
               f"({summary.get('precision', '?')}, {summary.get('device', '?')}) on {hw.get('cpu_model', '?')} "
               f"({hw.get('cpu_capability', '?')}, {hw.get('torch_threads', '?')} threads)"]
-    for stage in summary.get("stages", []):
-        lines.append(f"  - stage {stage['stage']}: {stage['steps']} steps, {stage['seconds']} s")
+    lines += training_lines(summary)
     lines += ["", "## Measured quality (held-out test subjects)", ""]
     if metrics:
         lines += ["| measure | model | real-vs-real floor |", "|---|---|---|"]

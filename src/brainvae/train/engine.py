@@ -490,7 +490,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     if len(plan) > 1:
         summary["stages"] = stages
     if run_cfg.init:
-        summary["init"] = dict(run_cfg.init)
+        summary["init"] = {**run_cfg.init, "source": source_summary(run_cfg.init["from"])}
     if rank == 0:
         RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
     return summary
@@ -502,6 +502,15 @@ def _close_logs(run: Run) -> None:
     if run.writer is not None:
         run.writer.close()
     run.log = run.writer = None
+
+
+def source_summary(name_or_path: str) -> dict | None:
+    """The summary.json of the model a run started from (its training, recorded with the run's own), or None."""
+    try:
+        path = RunDir.resolve(name_or_path).summary_file
+        return json.loads(path.read_text()) if path.exists() else None
+    except (BrainVAEError, ValueError):
+        return None
 
 
 def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches) -> dict:
