@@ -161,6 +161,12 @@ def test_conditional_fidelity_ceiling_and_predictor_cache(disc_store, monkeypatc
     monkeypatch.setattr(C, "train_cnn", no_training)
     again = C.conditional_fidelity(_cvae(), disc_store, n=12, seed=0, progress=False, predictor=cfg)
     assert again["predictor"]["cached"] is True and again["real"] == result["real"]
+    read = []
+    monkeypatch.setattr(C, "read_resized",
+                        lambda images, rows, size: read.append(rows) or np.zeros((len(rows), size, size), np.float32))
+    C.conditional_fidelity(_cvae(), disc_store, n=12, seed=0, progress=False, predictor=cfg, split="val")
+    m = SliceStore(disc_store).manifest  # tuning reads the validation subjects, never the test ones
+    assert set(m["split"].iloc[read[0]]) == {"val"}
 
 
 def test_predictor_cache_falls_back_to_home_and_position_only_models(disc_store, tmp_path, monkeypatch):

@@ -239,8 +239,10 @@ def sample_rows(model, rows: pd.DataFrame, seed: int, *, size: int | None = None
 
 
 def conditional_fidelity(model, store: SliceStore | str | Path, *, n: int = 1000, seed: int = 0,
-                         progress: bool = True, predictor: PredictorConfig = PredictorConfig()) -> dict:
-    """Age r / MAE and sex accuracy of real test slices (ceiling) and of ``n`` conditional samples.
+                         progress: bool = True, predictor: PredictorConfig = PredictorConfig(),
+                         split: str = "test") -> dict:
+    """Age r / MAE and sex accuracy of real test slices (ceiling) and of ``n`` conditional samples
+    (``split="val"``: the validation slices, to tune without looking at the test subjects).
 
     JSON-able result::
 
@@ -261,7 +263,7 @@ def conditional_fidelity(model, store: SliceStore | str | Path, *, n: int = 1000
     store = store if isinstance(store, SliceStore) else SliceStore(store)
     net, info = load_or_train_predictor(store, predictor, progress=progress)
     m = store.manifest
-    test_rows = store.indices("test")
+    test_rows = store.indices(split)
     real_pred = predict(net, read_resized(store.images, test_rows, predictor.image_size))
     real_target = _targets(m, test_rows)
     real = {"n_slices": int(len(test_rows)), "n_subjects": int(m["subject"].iloc[test_rows].nunique()),

@@ -108,7 +108,7 @@ def summary_rows(metrics: dict) -> list[dict]:
 
 
 def conditional_section(model, store: SliceStore, n: int, seed: int, progress: bool,
-                        predictor_steps: int | None = None) -> dict | None:
+                        predictor_steps: int | None = None, split: str = "test") -> dict | None:
     """Conditional fidelity for age+sex models (``evaluate.conditional``), or a note when it is not available."""
     if not {"age", "sex"} <= set(model.config.conditions):
         return None
@@ -122,7 +122,7 @@ def conditional_section(model, store: SliceStore, n: int, seed: int, progress: b
     from .conditional import PredictorConfig
 
     cfg = PredictorConfig() if predictor_steps is None else PredictorConfig(steps=predictor_steps)
-    return conditional_fidelity(model, store, n=n, seed=seed, progress=progress, predictor=cfg)
+    return conditional_fidelity(model, store, n=n, seed=seed, progress=progress, predictor=cfg, split=split)
 
 
 def c2st_section(samples: np.ndarray, real: np.ndarray, train: np.ndarray, real_subjects: np.ndarray,
@@ -145,8 +145,9 @@ def c2st_section(samples: np.ndarray, real: np.ndarray, train: np.ndarray, real_
             "floor_sets": "real training vs real test slices (different subjects), as many as the samples"}
 
 
-def age_effect_section(model, store: SliceStore, seed: int) -> tuple[dict, dict | None]:
-    """CSF fraction vs age of samples (ages ``A.AGES``) and of real test + val slices near position 0.5.
+def age_effect_section(model, store: SliceStore, seed: int, split: str = "test") -> tuple[dict, dict | None]:
+    """CSF fraction vs age of samples (ages ``A.AGES``) and of real test + val slices (val only when tuning) near
+    position 0.5.
 
     Returns (metrics["age_effect"], the points for the figure or None). Samples:
     ``A.PER_AGE`` per age, alternately female and male when the model takes sex,
@@ -159,7 +160,8 @@ def age_effect_section(model, store: SliceStore, seed: int) -> tuple[dict, dict 
     if "age" not in conds:
         return {"skipped": "the model is not conditioned on age"}, None
     m = store.manifest
-    near = ((m["split"].isin(["test", "val"])) & ((m["position"] - A.POSITION).abs() <= A.WINDOW + 1e-9)
+    splits = ["test", "val"] if split == "test" else [split]  # tuning (val) never looks at the test subjects
+    near = ((m["split"].isin(splits)) & ((m["position"] - A.POSITION).abs() <= A.WINDOW + 1e-9)
             & np.isfinite(m["age"].to_numpy(dtype=float)))
     rows = np.flatnonzero(near.to_numpy())
     subjects = m["subject"].to_numpy()[rows]
@@ -507,7 +509,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     two_sample = c2st_section(samples, sets.real, sets.train, subject[sets.eval_sel], subject[sets.train_sel], seed,
                               c2st_steps)
     stage(5)
-    age_effect, age_points = age_effect_section(model, store, seed)
+    age_effect, age_points = age_effect_section(model, store, seed, split)
     stage(6)
     mem = memorisation_section(store, sets, samples, size)
 
@@ -525,7 +527,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     }
     if ext is not None:
         metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": real["extractor_dim"]}
-    conditional = conditional_section(model, store, n, seed, progress, predictor_steps)
+    conditional = conditional_section(model, store, n, seed, progress, predictor_steps, split)
     if conditional is not None:
         metrics["conditional"] = conditional
     metrics["summary"] = summary_rows(metrics)
