@@ -22,3 +22,15 @@ $B evaluate runs/ldm-mni --data datasets/ixi-t1-mni --quiet --force
 [ -f runs/resvae-mni/summary.json ] || $B train resvae --data datasets/ixi-t1-mni --out runs/resvae-mni --budget 20m \
     --set train.patience=0 --set train.epochs=1000 --quiet
 $B evaluate runs/resvae-mni --data datasets/ixi-t1-mni --quiet --force
+
+# v2 (session 5): the prior trained on from the shipped model (autoencoder kept), chosen on the validation split,
+# the background step (threshold 0.1) set in the exported copy, then measured once on the test split.
+[ -f runs/ldm-prior2/summary.json ] || $B train ldm --data datasets/ixi-t1-mni --out runs/ldm-prior2 --init ixi-t1-128 \
+    --start-stage prior --set stages.prior.budget=55m --set stages.prior.epochs=2000 --quiet
+[ -d runs/ldm-prior2-bg ] || .venv/bin/python -c "from brainvae.export import export_model; \
+    export_model('runs/ldm-prior2', 'runs/ldm-prior2-bg', name='ixi-t1-128', model_overrides={'background': 0.1})"
+for r in runs/ldm-prior2 runs/ldm-prior2-bg; do $B evaluate $r --data datasets/ixi-t1-mni --split val --quiet --force; done
+$B evaluate runs/ldm-prior2-bg --data datasets/ixi-t1-mni --quiet --force
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-prior2-bg --data datasets/ixi-t1-mni --steps 16 --solvers heun \
+    --out benchmarks/results/sampler_ixi-t1-128-v2.json
+$B utility runs/ldm-prior2-bg --data datasets/ixi-t1-mni --ratios 1 --repeats 3 --quiet --force

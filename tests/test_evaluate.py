@@ -272,7 +272,7 @@ def test_evaluate_conditional_model_on_a_store_of_another_size(tiny_store, tmp_p
     big = make_store(tmp_path / "store64", size=64)  # same content at 64 px: resized to the model's 32 px
     calls = []
     monkeypatch.setattr(conditional, "conditional_fidelity",
-                        lambda model, store, *, n, seed, progress, predictor: calls.append(n) or {"stub": True})
+                        lambda model, store, *, n, seed, progress, predictor, split: calls.append(n) or {"stub": True})
     ext = tmp_path / "ext.pt"
     torch.jit.script(torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())).save(str(ext))
     metrics = evaluate_run(run, big, n=6, seed=0, extractor=ext, progress=False, featnet_steps=2)
