@@ -263,12 +263,23 @@ def _stage_summary(name: str, st: dict, size: int, images_per_step: int) -> dict
             "best_val_loss_per_pixel": st["best_val"] / size ** 2}
 
 
-def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | None):
-    """Train the current stage until its steps, budget or patience run out; returns its EMA (or None).
+@dataclass
+class Stage:
+    """One stage's training objects: the optimiser of each parameter group, the EMA of the weights, the
+    autocast dtype, the fp16 grad scaler and the network the steps run through (DDP / compiled)."""
 
-    ``saved``: the training state of an interrupted run inside this stage (optimisers, EMA), or None.
-    """
-    model, dev, world = run.model, run.dev, run.world
+    cfg: TrainConfig
+    groups: dict
+    optimisers: dict
+    ema: "EMA | None"
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    net: torch.nn.Module
+
+
+def _new_stage(run: Run, cfg: TrainConfig, saved: dict | None) -> Stage:
+    """Optimisers and EMA for the current stage, restored from ``saved`` when resuming inside it."""
+    model, dev = run.model, run.dev
     groups = model.optimizer_groups()
     optimisers = {g: new_optimiser(params, cfg, dev) for g, params in groups.items()}
     if saved is not None:
@@ -277,9 +288,8 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
                 opt.load_state_dict(saved["optimisers"][g])
     ema = EMA(model, cfg.ema_decay, saved and saved.get("ema")) if cfg.ema_decay > 0 else None
     amp = autocast_dtype(cfg.precision, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     net = model
-    if world > 1:
+    if run.world > 1:
         # A discriminator (resvae's "disc" group) takes no part in the loss before ``adv_start``,
         # and it is stepped outside DDP (see _disc_step): DDP must tolerate its missing gradients.
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -287,7 +297,46 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
     if cfg.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run.run_dir / ".inductor-cache"))
         net = torch.compile(net)
+    return Stage(cfg, groups, optimisers, ema, amp, torch.amp.GradScaler(dev.type, enabled=amp == torch.float16), net)
 
+
+def _optimise(run: Run, s: Stage, x: torch.Tensor, cond: dict, step: int, local: int, lr: float,
+              kl_scale: float) -> tuple:
+    """One optimiser step (and the discriminator's, and the EMA's) on batch x; returns (output, grad norm)."""
+    model, cfg = run.model, s.cfg
+    for opt in s.optimisers.values():
+        for g in opt.param_groups:
+            g["lr"] = lr
+    model.step = step
+    with torch.autocast(run.dev.type, dtype=s.amp, enabled=s.amp is not None):
+        out = s.net(x, cond, kl_scale)
+    loss = out.losses["loss"].float().mean() / model.config.image_size ** 2
+    if not torch.isfinite(loss):
+        raise BrainVAEError(f"training diverged at step {step} (loss {loss.item()}); "
+                            "lower the learning rate or use --precision fp32")
+    opt = s.optimisers["model"]
+    opt.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(opt)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(s.groups["model"], cfg.grad_clip)
+                 if cfg.grad_clip > 0 else torch.tensor(0.0))
+    s.scaler.step(opt)
+    s.scaler.update()
+    if "disc" in s.optimisers:
+        _disc_step(model, s.optimisers["disc"], s.groups["disc"], x, out.recon.detach(), cond, s.amp, run.dev,
+                   run.world)
+    if s.ema is not None:
+        s.ema.update(model, local)
+    return out, grad_norm
+
+
+def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | None):
+    """Train the current stage until its steps, budget or patience run out; returns its EMA (or None).
+
+    ``saved``: the training state of an interrupted run inside this stage (optimisers, EMA), or None.
+    """
+    model, world = run.model, run.world
+    s = _new_stage(run, cfg, saved)
     n_pixels = model.config.image_size ** 2
     steps_per_epoch = max(1, len(run.train_data) // (cfg.batch_size * world))
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -301,7 +350,7 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
     stop = st["step"] - st["stage_start"] >= total_steps
 
     def validate() -> float:
-        val = _validate(model, ema, run.val_data, cfg, amp, dev)
+        val = _validate(model, s.ema, run.val_data, cfg, s.amp, run.dev)
         run.emit({"step": st["step"], "epoch": st["epoch"], **{f"val/{k}": v / n_pixels for k, v in val.items()}})
         return val["loss"]
 
@@ -312,32 +361,10 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
             for b in range(st["step_in_epoch"], steps_per_epoch):
                 x, cond = run.train_data.batch(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
                 local = st["step"] - st["stage_start"]
-                elapsed = time.perf_counter() - t_start
-                frac = max(local / total_steps, elapsed / budget if budget else 0.0)
+                frac = max(local / total_steps, (time.perf_counter() - t_start) / budget if budget else 0.0)
                 lr = cfg.lr * lr_factor(local, frac, cfg.warmup_steps, cfg.min_lr_ratio)
-                for opt in optimisers.values():
-                    for g in opt.param_groups:
-                        g["lr"] = lr
                 kl_scale = min(1.0, (local + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
-                model.step = st["step"]
-                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                    out = net(x, cond, kl_scale)
-                loss = out.losses["loss"].float().mean() / n_pixels
-                if not torch.isfinite(loss):
-                    raise BrainVAEError(f"training diverged at step {st['step']} (loss {loss.item()}); "
-                                        "lower the learning rate or use --precision fp32")
-                opt = optimisers["model"]
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(groups["model"], cfg.grad_clip)
-                             if cfg.grad_clip > 0 else torch.tensor(0.0))
-                scaler.step(opt)
-                scaler.update()
-                if "disc" in optimisers:
-                    _disc_step(model, optimisers["disc"], groups["disc"], x, out.recon.detach(), cond, amp, dev, world)
-                if ema is not None:
-                    ema.update(model, local)
+                out, grad_norm = _optimise(run, s, x, cond, st["step"], local, lr, kl_scale)
                 st["step"] += 1
                 st["step_in_epoch"] = b + 1
                 images_seen += len(x) * world
@@ -355,39 +382,44 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
                     stop = True
                     break
                 if time.perf_counter() - last_save > CHECKPOINT_SECONDS:
-                    run.save("last", st, optimisers, ema)
+                    run.save("last", st, s.optimisers, s.ema)
                     last_save = time.perf_counter()
             else:  # epoch completed
                 st["epoch"] += 1
                 st["step_in_epoch"] = 0
-                val = validate()
-                if run.writer is not None:
-                    _log_images(run.writer, model, ema, run.val_data, st["step"])
-                if run.on_validate is not None:
-                    run.on_validate(st["step"], st["epoch"], val / n_pixels)
-                if val < st["best_val"]:
-                    st["best_val"], st["bad_epochs"] = val, 0
-                    run.save("best", st, optimisers, ema)
-                else:
-                    st["bad_epochs"] += 1
-                run.save("last", st, optimisers, ema)
+                stop = _end_epoch(run, s, st, validate())
                 last_save = time.perf_counter()
-                if cfg.patience and st["bad_epochs"] >= cfg.patience:
-                    stop = True
         # A stage that stopped mid-epoch validates once more so `best` reflects its end.
         if st["step_in_epoch"] != 0 or st["best_val"] == float("inf"):
             val = validate()
             if val < st["best_val"]:
                 st["best_val"] = val
-                run.save("best", st, optimisers, ema)
-        run.save("last", st, optimisers, ema)
+                run.save("best", st, s.optimisers, s.ema)
+        run.save("last", st, s.optimisers, s.ema)
     except KeyboardInterrupt:
         st["elapsed"] = time.perf_counter() - t_start
-        run.save("last", st, optimisers, ema)
+        run.save("last", st, s.optimisers, s.ema)
         raise
     finally:
         bar.close()
-    return ema
+    return s.ema
+
+
+def _end_epoch(run: Run, s: Stage, st: dict, val: float) -> bool:
+    """After an epoch's validation loss ``val``: images to TensorBoard, the tuner's callback, the best and
+    last checkpoints; returns whether patience has run out."""
+    n_pixels = run.model.config.image_size ** 2
+    if run.writer is not None:
+        _log_images(run.writer, run.model, s.ema, run.val_data, st["step"])
+    if run.on_validate is not None:
+        run.on_validate(st["step"], st["epoch"], val / n_pixels)
+    if val < st["best_val"]:
+        st["best_val"], st["bad_epochs"] = val, 0
+        run.save("best", st, s.optimisers, s.ema)
+    else:
+        st["bad_epochs"] += 1
+    run.save("last", st, s.optimisers, s.ema)
+    return bool(s.cfg.patience and st["bad_epochs"] >= s.cfg.patience)
 
 
 def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = "auto", resume: bool = False,
