@@ -237,7 +237,7 @@ def models_cmd() -> None:
     if not shipped:
         typer.echo("no pretrained models are shipped in this installation")
     for name, path in shipped.items():
-        cfg = load_config(RunConfig, path / "config.toml")
+        cfg = load_config(RunConfig, RunDir(path).config_file)
         typer.echo(f"{name}  {cfg.arch}, {cfg.model_config().image_size} px, conditions: "
                    f"{', '.join(cfg.model_config().conditions) or 'none'}  (card: {path / 'MODEL_CARD.md'})")
 

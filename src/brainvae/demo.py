@@ -28,7 +28,7 @@ from .io.phantom import simulate_cohort
 from .io.scan import find_scans
 from .report.quiz import make_quiz
 from .report.report import write_report
-from .rundir import shipped_models
+from .rundir import RunDir, shipped_models
 from .train.engine import train
 
 DEMO_PREPARE = PrepareConfig(size=64, position_range=(0.2, 0.9), min_brain=0.1)
@@ -74,7 +74,7 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
                              split="test", force=True)
 
     step("evaluate: reconstruction, realism against the real-vs-real floor, conditional fidelity")
-    evaluate_run(run, store, run / "eval", n=DEMO_EVAL_N, force=True, progress=progress)
+    evaluate_run(run, store, RunDir(run).eval_dir, n=DEMO_EVAL_N, force=True, progress=progress)
 
     step("utility: a sex / age-band classifier trained on real, real + synthetic and synthetic slices")
     write_utility(run, store, run / "utility", DEMO_UTILITY, force=True, progress=progress)
@@ -82,7 +82,7 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     step("anomaly detection on synthetic anomalies added to the test slices")
     anomalies = out / "datasets" / "sim-t1-axial-anomalies"
     anomalies_store(SliceStore(store), anomalies, split="test", force=True)
-    evaluate_anomaly(run, anomalies, run / "anomaly", force=True, progress=progress)
+    evaluate_anomaly(run, anomalies, RunDir(run).anomaly_dir, force=True, progress=progress)
 
     if PRETRAINED in shipped_models():
         step(f"sample REAL-data slices from the shipped pretrained model {PRETRAINED} (trained on IXI T1)")

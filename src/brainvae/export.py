@@ -159,11 +159,11 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt.eval()
         run_cfg = replace(run_cfg, model=_merge(run_cfg.model, model_overrides))
-    metrics_file = Path(metrics) if metrics is not None else rd.path / "eval" / "metrics.json"
+    metrics_file = Path(metrics) if metrics is not None else rd.eval_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
     with atomic_dir(out, force=force) as tmp:
         (tmp / CHECKPOINTS).mkdir()
-        save_weights(tmp / CHECKPOINTS / "best.safetensors", model.to(memory_format=torch.contiguous_format), None,
+        save_weights(RunDir(tmp).checkpoints / "best.safetensors", model.to(memory_format=torch.contiguous_format), None,
                      {"exported_from": str(rd.path)})
         save_config(run_cfg, tmp / rd.config_file.name)
         for f in (rd.provenance_file, rd.summary_file):

@@ -462,7 +462,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     plan = run_cfg.stage_plan(model.stages)
 
     st, saved = new_counters(), None
-    last = run.ckpt / "last.safetensors"
+    last = RunDir(run_dir).last_checkpoint
     if resume and last.exists():
         load_weights(last, model)
         saved = load_state_for(last, run.ckpt / "last.state.pt")
@@ -475,7 +475,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
         st = _init_from(run_cfg, model, plan, slices[0])
     if resume:
         if rank == 0:
-            _truncate_metrics(run_dir / "metrics.jsonl", st["step"])
+            _truncate_metrics(RunDir(run_dir).metrics_log, st["step"])
     else:
         run.replaced = _create_run_dir(run_dir, run_cfg, store, rank)
 
@@ -486,7 +486,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
             f"slices, {dev}, {precision_name(autocast_dtype(t.precision, dev))}, {limit}"
             f"{', resuming at step ' + str(st['step']) if resume else ''} -> {run_dir}", err=True)
     run.writer = _writer(run_dir) if rank == 0 else None
-    run.log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    run.log = RunDir(run_dir).metrics_log.open("a") if rank == 0 else None
     try:
         for index in range(st["stage"], len(plan)):
             name, cfg = plan[index]
