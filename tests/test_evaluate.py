@@ -240,10 +240,14 @@ def train_tiny(tmp_path, store, arch: str = "vae", name: str = "run"):
 def test_evaluate_cli_end_to_end(tiny_store, tmp_path):
     assert runner.invoke(app, ["evaluate", "--help"]).exit_code == 0
     run = train_tiny(tmp_path, tiny_store)
-    args = ["evaluate", str(run), "--data", str(tiny_store), "-n", "8", "--featnet-steps", "2", "--quiet"]
+    log = tmp_path / "evaluate.log"
+    args = ["evaluate", str(run), "--data", str(tiny_store), "-n", "8", "--featnet-steps", "2", "--quiet",
+            "--log-file", str(log)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "featnet fd" in r.output and "floor" in r.output
+    lines = log.read_text().splitlines()  # progress reaches the log file even with --quiet, as whole lines
+    assert any(line.startswith("evaluate") for line in lines) and "\r" not in log.read_text()
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     for key in ("realism", "histogram", "diversity", "memorisation", "reconstruction", "feature_net", "summary",
                 "provenance", "figures", "n", "seed"):

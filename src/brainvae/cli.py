@@ -452,10 +452,11 @@ def evaluate_cmd(
     split: Annotated[str, typer.Option(help="Real slices to measure against: test (to report) or val (to tune; "
                                             "default output RUN/eval-val).")] = "test",
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
-    device: Device = "auto", force: Force = False, quiet: Quiet = False, resize: Resize = False,
+    device: Device = "auto", force: Force = False, quiet: Quiet = False, log_file: LogFile = None, resize: Resize = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
     from .evaluate.run_eval import evaluate_run
+    from .progress import log_to
     from .train.engine import resolve_device
 
     out = out or RunDir.resolve(run).output("eval" if split == "test" else f"eval-{split}")
@@ -463,10 +464,11 @@ def evaluate_cmd(
     if warning := RunDir.resolve(run).other_store_warning(store, split):
         typer.secho(f"warning: {warning}", fg="yellow", err=True)
     typer.echo(f"evaluate {run} on {data} ({split} split, n = {n}) -> {out}", err=True)
-    metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force, progress=not quiet,
-                           featnet_steps=featnet_steps, predictor_steps=predictor_steps,
-                           device=resolve_device(device), split=split,
-                           sampler={"steps": steps, "guidance": guidance, "solver": solver})
+    with log_to(log_file, out):
+        metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force,
+                               progress=not quiet, featnet_steps=featnet_steps, predictor_steps=predictor_steps,
+                               device=resolve_device(device), split=split,
+                               sampler={"steps": steps, "guidance": guidance, "solver": solver})
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}"
@@ -586,11 +588,13 @@ def anomaly_cmd(
     batch_size: int = 64,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/anomaly).")] = None,
     seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False, resize: Resize = False,
+    log_file: LogFile = None,
 ) -> None:
     """Anomaly localisation: pixel AUROC/AUPRC, Dice at a validation threshold, slice AUROC, overlays."""
     from .data.store import SliceStore
     from .evaluate.anomaly import AnomalyConfig, evaluate_anomaly, require_lesions, summary_lines
     from .evaluate.anomaly_scores import PostProcess
+    from .progress import log_to
     from .train.engine import resolve_device
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
@@ -600,7 +604,9 @@ def anomaly_cmd(
     cfg = AnomalyConfig(baseline=baseline, val_cases=cases, val_fraction=val_fraction, primary=score, split=split,
                         n_samples=samples, post=PostProcess(erode=erode, median=median, min_area=min_area),
                         batch_size=batch_size, seed=seed)
-    summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force, progress=not quiet)
+    with log_to(log_file, out or RunDir.resolve(run).output("anomaly")):
+        summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force,
+                                   progress=not quiet)
     if not quiet:
         for line in summary_lines(summary):
             typer.echo(line)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from ..progress import bar as progress_bar
 
 from ..data.dataset import SliceBatches
 from ..data.resize import resize_masks
@@ -150,7 +150,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
     offered = model.scores()
     recon, chunks = [], {n: [] for n in names}
     starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         x, cond = data.batch(np.arange(start, min(start + batch_size, len(data))))
         batch = ScoreBatch(model, x, cond if use_cond else None, n_samples, gen)
         recon.append(batch.x_hat[:, 0].cpu().numpy())

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm import tqdm
+from ..progress import bar as progress_bar
 
 
 
@@ -175,7 +175,7 @@ def train_cnn(x: np.ndarray, targets: dict[str, np.ndarray], heads: tuple[Head, 
     # the dropout masks come from torch's global RNG: fork it so a caller's stream is untouched and runs repeat
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed + 1)
-        for step in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False):
+        for step in progress_bar(range(settings.steps), desc=desc, disable=not progress, leave=False):
             if pos + settings.batch_size > len(perm):
                 perm, pos = torch.randperm(len(x), generator=g).numpy(), 0
             idx = np.sort(perm[pos:pos + settings.batch_size])

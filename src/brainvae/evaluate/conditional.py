@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
-from tqdm import tqdm
+from ..progress import bar as progress_bar
 
 from ..conditions import SEX_CODE, conditions_of, sex_classes
 from ..data.resize import read_resized, resize_images
@@ -229,7 +229,8 @@ def sample_rows(model, rows: pd.DataFrame, seed: int, *, size: int | None = None
     values = conditions_of(rows)  # {key: (n,)}
     model = model.for_inference()  # once: sample_images then reuses it for every batch
     out = []
-    for b, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False)):
+    batches = range(0, len(rows), batch_size)
+    for b, start in enumerate(progress_bar(batches, desc=desc, disable=not progress, leave=False)):
         stop = min(start + batch_size, len(rows))
         cond = {k: values[k][start:stop] for k in keys}  # (b,) per condition
         images = sample_images(model, stop - start, cond or None, seed + b, batch_size=batch_size)  # (b, H, W)

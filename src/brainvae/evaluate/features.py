@@ -33,7 +33,7 @@ from scipy import ndimage, stats
 from skimage.feature import graycomatrix, graycoprops
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
+from ..progress import bar as progress_bar
 
 from ..data.resize import resize_images
 from ..data.store import SliceStore
@@ -169,7 +169,7 @@ def train_featnet(store: SliceStore, cfg: FeatNetConfig, progress: bool = True) 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
     net.train()
     log = {}
-    for step in tqdm(range(cfg.steps), desc="feature net", unit="step", disable=not progress):
+    for step in progress_bar(range(cfg.steps), desc="feature net", unit="step", disable=not progress):
         batch = np.sort(rng.choice(rows, size=min(cfg.batch_size, len(rows)), replace=len(rows) < cfg.batch_size))
         x = resize_images(np.ascontiguousarray(images[batch]), FEATNET_SIZE)
         pos = torch.from_numpy(np.nan_to_num(positions[batch], nan=0.5))

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from ..progress import bar as progress_bar
 
 from .. import generate as G
 from ..conditions import SEX_CODE, conditions_of
@@ -489,7 +489,7 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     ext = Fe.TorchScriptExtractor(extractor) if extractor is not None else None
     size, conds = model.config.image_size, tuple(model.config.conditions)
     stages = ["load slices", "sample", "reconstruct", "realism", "c2st", "age effect", "memorisation", "write"]
-    bar = tqdm(total=len(stages), desc="evaluate", unit="stage", disable=not progress)
+    bar = progress_bar(total=len(stages), desc="evaluate", unit="stage", disable=not progress)
 
     def stage(index: int) -> None:
         bar.n = index
