@@ -285,8 +285,9 @@ def test_anomaly_command_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
 
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--baseline", run, "--score", "kl_combined",
-               "--samples", 2, "--val-fraction", 0.34, "--device", "cpu", "--quiet")
+               "--samples", 2, "--val-fraction", 0.34, "--device", "cpu", "--quiet", "--log-file", tmp_path / "a.log")
     assert r.exit_code == 0, r.output
+    assert "score" in (tmp_path / "a.log").read_text() and "\r" not in (tmp_path / "a.log").read_text()
     out = run / "anomaly"
     metrics = json.loads((out / "metrics.json").read_text())
     val, test = metrics["cases"]["validation"], metrics["cases"]["test"]
