@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 
 def plain(text: str) -> list[str]:
     """The lines of redirected output, checked to be what a scheduler's log can hold."""
-    assert "\r" not in text
+    assert "\r" not in text and "\x1b" not in text  # no carriage returns, no cursor moves
     lines = text.splitlines()
     assert max(map(len, lines)) <= 300, max(lines, key=len)
     return lines
@@ -61,6 +61,12 @@ def test_progress_bar_writes_whole_lines_when_stderr_is_not_a_terminal(monkeypat
         pass
     lines = plain(err.getvalue())
     assert len(lines) > 3 and lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%|")
+
+    err.truncate(0)
+    for _ in progress.bar(range(2), desc="outer"):  # a bar inside a bar (a feature net trained inside evaluate)
+        for _ in progress.bar(range(3), desc="inner", leave=False):
+            pass
+    assert "\x1b" not in err.getvalue() and "inner: 100%" in err.getvalue()  # no cursor moves, whole lines
 
 
 def test_train_under_a_scheduler_logs_start_progress_and_summary(trained):

@@ -47,7 +47,8 @@ def bar(iterable=None, *, disable: bool = False, **kwargs) -> tqdm:
     if sys.stderr.isatty() and not _logs:
         return tqdm(iterable, disable=disable, **kwargs)
     targets = ([] if disable else [sys.stderr]) + _logs
-    kwargs.update(leave=True, ascii=True, mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS)
+    # position 0: nested bars (a feature net trained inside evaluate) would otherwise move the cursor (ESC[A)
+    kwargs.update(leave=True, ascii=True, mininterval=LOG_SECONDS, maxinterval=LOG_SECONDS, position=0)
     return tqdm(iterable, file=_Lines(targets), disable=not targets, **kwargs)
 
 
