@@ -239,3 +239,14 @@ def test_atomic_dir_removes_temporary_folders_of_killed_processes(tmp_path):
     with atomic_dir(tmp_path / "out") as d:
         (d / "f").write_text("y")
     assert not stale.exists() and alive.exists()
+
+
+def test_brats_cases_without_segmentations_are_one_subject_each(tmp_path):
+    """A BraTS validation release (no _seg files): one subject per case folder, not one per modality file."""
+    image, _ = head_phantom((12, 12, 10))
+    for c in ("Brats18_V_1", "Brats18_V_2"):
+        for mod in ("t1", "t1ce", "t2", "flair"):
+            write_nifti(tmp_path / "val" / c / f"{c}_{mod}.nii.gz", image, np.eye(4))
+    inv = find_scans(tmp_path / "val", "T1")
+    assert inv.dataset == "brats" and [s.subject for s in inv.scans] == ["Brats18_V_1", "Brats18_V_2"]
+    assert all(s.lesion is None and s.image.name.endswith("_t1.nii.gz") for s in inv.scans)

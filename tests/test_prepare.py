@@ -297,3 +297,16 @@ def test_prepare_names_the_demographics_file_and_its_expected_columns(ixi_folder
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert f"{bad}: missing column(s) subject, age; expected a subject column (participant_id, subject, subject_id, id " \
            "or IXI_ID), age (years) and sex" in " ".join(r.output.split())
+
+
+def test_brats_validation_release_without_segmentations_keeps_each_patient_in_one_split(tmp_path):
+    shape = (24, 24, 20)
+    for c in range(3):
+        case = tmp_path / "brats" / f"Brats18_V_{c}"
+        image, brain = head_phantom(shape, seed=c)
+        for mod in ("t1", "t1ce", "t2", "flair"):
+            write_nifti(case / f"{case.name}_{mod}.nii.gz", image * brain, np.diag([4.0, 4.0, 4.0, 1.0]))
+    out = prepare_dataset(find_scans(tmp_path / "brats"), tmp_path / "s", TINY, workers=1, progress=False)
+    m = SliceStore(out).manifest
+    assert sorted(m["subject"].unique()) == ["Brats18_V_0", "Brats18_V_1", "Brats18_V_2"]
+    assert m.groupby("subject")["split"].nunique().max() == 1 and not SliceStore(out).has_lesions

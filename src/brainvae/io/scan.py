@@ -183,8 +183,11 @@ def _index_derived(folder: Path | None) -> dict[str, Path]:
 
 
 def _brats_cases(root: Path) -> list[Path]:
+    """Case folders ``<case>/<case>_{seg,t1,t1ce,t2,flair}.nii[.gz]``: with a segmentation (training releases)
+    or without (validation releases); one subject per case either way."""
     dirs = [root] + sorted(d for d in root.iterdir() if d.is_dir())
-    return [d for d in dirs if (d / f"{d.name}_seg.nii.gz").exists() or (d / f"{d.name}_seg.nii").exists()]
+    names = [f"_{kind}{ext}" for kind in ("seg", *BRATS_MODALITIES) for ext in (".nii.gz", ".nii")]
+    return [d for d in dirs if any((d / f"{d.name}{name}").exists() for name in names)]
 
 
 def _find_brats(root: Path, modality: str) -> Inventory:
