@@ -136,9 +136,10 @@ def test_train_by_name_with_overrides_then_sample_with_validated_conditions(tiny
 def test_compare_and_tune_take_names_and_overrides(tiny_store, tmp_path):
     out = tmp_path / "cmp"
     r = invoke("compare", "ae", "vae", "--data", tiny_store, "--out", out, "--steps", 2, "--no-evaluate", "--quiet",
-               *TINY)
+               *TINY, "--log-file", tmp_path / "compare.log")
     assert r.exit_code == 0, r.output
     assert {"ae", "vae"} <= set(r.output.split())  # leaderboard rows, named by config
+    assert "leaderboard ->" in (tmp_path / "compare.log").read_text()  # the log file gets the summary too
     for name in ("ae", "vae"):  # compare trained the overridden configs, kept beside the runs
         assert load_config(RunConfig, out / "configs" / f"{name}.toml").model["channels"] == [8, 16]
         assert load_config(RunConfig, out / f"{name}-s0" / "config.toml").model["image_size"] == 32
@@ -147,8 +148,9 @@ def test_compare_and_tune_take_names_and_overrides(tiny_store, tmp_path):
     assert r.exit_code == 1 and "ae has no KL term" in r.output and not (tmp_path / "c2").exists()
 
     r = invoke("tune", "vae", "--data", tiny_store, "--out", tmp_path / "tune", "--trials", 1, "--steps", 2, "--quiet",
-               *TINY, "--set", "tune={lr={low=1e-3,high=2e-3}}")  # replace the whole search space
-    assert r.exit_code == 0, r.output
+               *TINY, "--set", "tune={lr={low=1e-3,high=2e-3}}", "--log-file", tmp_path / "tune.log")
+    assert r.exit_code == 0, r.output  # (--set tune=... replaced the whole search space)
+    assert "best of 1 completed trials" in (tmp_path / "tune.log").read_text()
     best = load_config(RunConfig, tmp_path / "tune" / "best.toml")
     assert best.model["channels"] == [8, 16] and 1e-3 <= best.train.lr <= 2e-3
 

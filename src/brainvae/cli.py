@@ -308,16 +308,19 @@ def tune_cmd(
     budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget per trial, e.g. 5m.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per trial.")] = None,
     seed: int = 0, overrides: Overrides = None, device: Device = "auto", quiet: Quiet = False,
+    log_file: LogFile = None,
 ) -> None:
     """Search hyper-parameters with Optuna (TPE sampler, median pruning on validation loss)."""
+    from .progress import log_to, say
     from .tune import tune
 
     cfg = load_run_config(config, overrides or ())
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs))
-    result = tune(cfg, data, out, trials=trials, storage=storage, study_name=study, device=device, seed=seed,
-                  progress=not quiet)
-    typer.echo(f"best of {result['completed']} completed trials ({result['pruned']} pruned): "
-               f"{result['best_value']:.4f} nats/pixel with {result['best_params']} -> {out / 'best.toml'}")
+    with log_to(log_file, out):
+        result = tune(cfg, data, out, trials=trials, storage=storage, study_name=study, device=device, seed=seed,
+                      progress=not quiet)
+        say(f"best of {result['completed']} completed trials ({result['pruned']} pruned): "
+            f"{result['best_value']:.4f} nats/pixel with {result['best_params']} -> {out / 'best.toml'}")
 
 
 Age = Annotated[Optional[float], typer.Option(help="Age in years, 0 to 120 (conditional models).")]
@@ -342,11 +345,13 @@ def compare_cmd(
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per evaluation.")] = 1000,
     evaluate: Annotated[bool, typer.Option(help="Evaluate each run (brainvae evaluate).")] = True,
     overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    log_file: LogFile = None,
 ) -> None:
     """Train several architectures with the same seed and budget, evaluate each, write a leaderboard.
     --set applies to every config; the overridden configs are written to OUT/configs/."""
     from .compare import compare
     from .config import resolve_run_config, save_config
+    from .progress import log_to, say
 
     paths = [resolve_run_config(c) for c in configs]
     if overrides:  # compare reads config files: give it the overridden ones, named as the originals
@@ -354,10 +359,11 @@ def compare_cmd(
         paths = [out / "configs" / p.name for p in paths]
         for cfg, path in zip(cfgs, paths):
             save_config(cfg, path)
-    board = compare(paths, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
-                    evaluate=evaluate, force=force, progress=not quiet, log=typer.echo)
-    typer.echo(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    typer.echo(f"leaderboard -> {out / 'leaderboard.csv'}")
+    with log_to(log_file, out):
+        board = compare(paths, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
+                        evaluate=evaluate, force=force, progress=not quiet, log=say)
+        say(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        say(f"leaderboard -> {out / 'leaderboard.csv'}")
 
 
 @app.command("sample")
