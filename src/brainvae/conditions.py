@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # pandas only for the annotations: models import this module
 CONDITIONS = ("age", "sex", "position")
 SEX_CODE = {"M": 1.0, "F": -1.0}  # manifest letter -> model value; anything else is 0 (unknown)
 SEX_CLASS = {"F": 0, "M": 1}  # manifest letter -> class of the sex classifiers; anything else is -1 (no label)
-SEX_SPELLINGS = {"m": 1.0, "male": 1.0, "+1": 1.0, "1": 1.0, "f": -1.0, "female": -1.0, "-1": -1.0}  # user input
+SEX_WORDS = {"m": "M", "male": "M", "f": "F", "female": "F"}  # written sex (any case) -> manifest letter
+# user input -> model value: the words, and the model's own numbers (data files need their numeric coding stated)
+SEX_SPELLINGS = {**{word: SEX_CODE[letter] for word, letter in SEX_WORDS.items()}, "+1": 1.0, "1": 1.0, "-1": -1.0}
 RANGES = {"age": (0.0, 120.0), "position": (0.0, 1.0)}  # valid values, ends included (sex: +1, -1 or 0)
 NEUTRAL = {"age": 50.0, "sex": 0.0, "position": 0.5}  # the value of a condition left out, where one is needed
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..conditions import SEX_WORDS
 from ..errors import InputFileError
 from .ixi import normalise_subject_id
 
 ID_COLUMNS = ("participant_id", "subject", "subject_id", "id", "ixi_id")
 _SEX_COLUMN = re.compile(r"^(sex|gender)(_id)?\s*(\((?P<coding>[^)]*)\))?$", re.IGNORECASE)
-_SEX_WORDS = {"m": "M", "male": "M", "f": "F", "female": "F"}
 EXPECTED = ("a subject column (participant_id, subject, subject_id, id or IXI_ID), age (years) and sex "
             "(M / F or male / female; a numeric code only with its coding, e.g. a column named 'sex (1=M, 2=F)')")
 
@@ -96,7 +96,7 @@ def _sexes(values: pd.Series, column, path: Path, problems: list[str]) -> list[s
             out.append(None)
             continue
         code = _code(value)
-        sex = coding.get(code.lower()) or _SEX_WORDS.get(code.lower())
+        sex = coding.get(code.lower()) or SEX_WORDS.get(code.lower())
         if sex is None and re.fullmatch(r"[+-]?\d+(\.\d*)?", code):
             raise InputFileError(path, f"column {str(column)!r} holds numeric codes "
                                        f"({', '.join(sorted({_code(v) for v in values.dropna()}))}) whose meaning "
@@ -120,7 +120,7 @@ def _sex_coding(column, path: Path) -> dict[str, str]:
         except (ValueError, AttributeError):
             raise InputFileError(sidecar, f"not a BIDS sidecar (JSON with a {str(column)!r} entry)") from None
         pairs += [(str(code), str(meaning)) for code, meaning in levels.items()]
-    return {code.lower(): _SEX_WORDS[meaning.lower()] for code, meaning in pairs if meaning.lower() in _SEX_WORDS}
+    return {code.lower(): SEX_WORDS[meaning.lower()] for code, meaning in pairs if meaning.lower() in SEX_WORDS}
 
 
 def _one_row_per_subject(table: pd.DataFrame, path: Path, problems: list[str]) -> pd.DataFrame:

@@ -87,7 +87,8 @@ class LatentBatches:
 
     def batch(self, idx) -> tuple[Tensor, dict[str, Tensor]]:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        z = self.mean[idx] + self.std[idx] * torch.randn_like(self.mean[idx])  # (B, C, s, s)
+        mean = self.mean[idx]  # (B, C, s, s)
+        z = mean + self.std[idx] * torch.randn_like(mean)
         return z.to(self.device), {k: v[idx].to(self.device) for k, v in self.cond.items()}
 
     def epoch_order(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
