@@ -135,10 +135,44 @@ def test_init_from_a_run_trains_only_the_prior_on_its_frozen_autoencoder(tiny_st
     assert rows and all("train/flow" in r for r in rows if "train/loss" in r)
 
 
+def test_decoder_stage_sharpens_only_the_decoder_and_keeps_its_last_weights(tiny_store, tmp_path):
+    first = tmp_path / "first"
+    train(first, tiny_store, run_cfg(steps=8), progress=False)
+    assert RunConfig(model=TINY_LDM).stage_names() == ("autoencoder", "prior")  # optional: off unless configured
+    stages = {"prior": {"share": 0.25}, "decoder": {"share": 0.25, "steps": 6, "lr": 1e-2}}
+    cfg = RunConfig(model=TINY_LDM, train=run_cfg(steps=8).train, stages=stages,
+                    init={"from": str(first), "start": "decoder"})
+    assert [name for name, _ in cfg.stage_plan()] == ["autoencoder", "prior", "decoder"]
+    summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == ["autoencoder", "prior", "decoder"]
+    assert summary["stages"][2]["steps"] == 6
+    before, after = load(first), load(tmp_path / "second")
+    for part in ("encoder", "to_posterior"):  # the latent is unchanged, so the prior stays valid
+        old = getattr(before.autoencoder, part).state_dict()
+        assert all(torch.equal(v, old[k]) for k, v in getattr(after.autoencoder, part).state_dict().items())
+    assert all(torch.equal(v, before.flow.state_dict()[k]) for k, v in after.flow.state_dict().items())
+    assert torch.equal(after.latent_std, before.latent_std)
+    assert not torch.equal(after.autoencoder.decoder.head.weight, before.autoencoder.decoder.head.weight)
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/adv" in r for r in rows if "train/loss" in r)  # adversarial from the stage's first step
+    best = load(tmp_path / "second" / "checkpoints" / "best.safetensors")
+    last = load(tmp_path / "second" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(v, last.state_dict()[k]) for k, v in best.state_dict().items())  # best = the last
+
+
+def test_decoder_stage_needs_a_discriminator(tiny_store, tmp_path):
+    values = {k: v for k, v in TINY_LDM.items() if k != "arch"}
+    model = build("ldm", {**values, "autoencoder": {"channels": [8, 16], "adv_weight": 0.0}})
+    with pytest.raises(BrainVAEError, match="adv_weight"):
+        model.set_stage("decoder")
+
+
 def test_init_errors_are_clear():
     with pytest.raises(BrainVAEError, match="give \\[init\\] from"):
         RunConfig(model=TINY_LDM, init={"start": "prior"})
-    with pytest.raises(BrainVAEError, match="not a stage of ldm"):
+    with pytest.raises(BrainVAEError, match="not a stage of this ldm run"):
+        RunConfig(model=TINY_LDM, init={"from": "x", "start": "denoiser"})
+    with pytest.raises(BrainVAEError, match="not a stage of this ldm run"):  # optional, and not configured
         RunConfig(model=TINY_LDM, init={"from": "x", "start": "decoder"})
     with pytest.raises(BrainVAEError, match="takes 'from' and 'start'"):
         RunConfig(model=TINY_LDM, init={"form": "x"})
@@ -146,7 +180,7 @@ def test_init_errors_are_clear():
 
 def test_stage_config_errors_are_clear():
     with pytest.raises(BrainVAEError, match="not stages of ldm"):
-        RunConfig(model=TINY_LDM, stages={"decoder": {"lr": 1e-3}})
+        RunConfig(model=TINY_LDM, stages={"denoiser": {"lr": 1e-3}})
     with pytest.raises(BrainVAEError, match="share"):
         RunConfig(model=TINY_LDM, stages={"prior": {"share": 1.5}})
     with pytest.raises(BrainVAEError, match="cannot set"):

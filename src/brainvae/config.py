@@ -145,12 +145,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         check("arch" in self.model, "[model] needs an 'arch' key")
         self.model_config()  # validates the architecture and its fields
-        names = architecture(self.arch)[1]
-        self.stage_plan(names)  # validates [stages]
+        names = self.stage_names()
+        self.stage_plan()  # validates [stages]
         unknown = sorted(set(self.init) - {"from", "start"})
         check(not unknown, f"[init] takes 'from' and 'start', not {unknown}")
         start = self.init.get("start", names[0])
-        check(start in names, f"[init] start = {start!r} is not a stage of {self.arch} (its stages: {list(names)})")
+        check(start in names, f"[init] start = {start!r} is not a stage of this {self.arch} run (its stages: "
+              f"{list(names)})")
         check(start == names[0] or self.init.get("from"),
               f"[init] start = {start!r} skips earlier stages: give [init] from, the model they come from")
 
@@ -160,14 +161,20 @@ class RunConfig:
 
     def model_config(self):
         """The validated config dataclass of the [model] section (its architecture's registered class)."""
-        config_cls, _ = architecture(self.arch)
+        config_cls = architecture(self.arch)[0]
         return from_dict(config_cls, {k: v for k, v in self.model.items() if k != "arch"}, "[model]")
 
-    def stage_plan(self, names: tuple[str, ...]) -> list[tuple[str, TrainConfig]]:
-        """(stage name, its TrainConfig) in training order: [train] with the stage's overrides, and the run's
-        steps / epochs / budget split by the stages' shares."""
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages this run trains, in order: the architecture's, less optional ones without ``[stages.NAME]``."""
+        _, names, optional = architecture(self.arch)
         unknown = sorted(set(self.stages) - set(names))
         check(not unknown, f"[stages] names {unknown} are not stages of {self.arch} (its stages: {list(names)})")
+        return tuple(n for n in names if n not in optional or n in self.stages)
+
+    def stage_plan(self) -> list[tuple[str, TrainConfig]]:
+        """(stage name, its TrainConfig) in training order: [train] with the stage's overrides, and the run's
+        steps / epochs / budget split by the stages' shares."""
+        names = self.stage_names()
         if len(names) == 1:
             return [(names[0], self._stage_train(names[0], 1.0))]
         later = {n: self.stages.get(n, {}).get("share", 0.5 / (len(names) - 1)) for n in names[1:]}
@@ -178,8 +185,9 @@ class RunConfig:
               f"stage a part; got {shares}")
         return [(n, self._stage_train(n, shares[n])) for n in names]
 
-    def start_stage(self, names: tuple[str, ...]) -> int:
-        """Index in ``names`` of the stage training begins at (``[init] start``; 0 by default)."""
+    def start_stage(self) -> int:
+        """Index in ``stage_plan()`` of the stage training begins at (``[init] start``; 0 by default)."""
+        names = self.stage_names()
         return names.index(self.init.get("start", names[0]))
 
     def _stage_train(self, name: str, share: float) -> TrainConfig:
@@ -212,7 +220,8 @@ def check(ok: bool, message: str) -> None:
 
 # Architectures: RunConfig validates its [model] section with the classes ``brainvae.models.registry``
 # registers here when it is imported (brainvae/__init__.py imports it), so this module imports no model.
-ArchitectureLookup = Callable[[str], tuple[type, tuple[str, ...]]]  # arch -> (its config class, its training stages)
+# arch -> (its config class, its training stages, the optional ones among them)
+ArchitectureLookup = Callable[[str], tuple[type, tuple[str, ...], tuple[str, ...]]]
 _architecture_lookup: ArchitectureLookup | None = None
 
 
@@ -221,8 +230,8 @@ def set_architecture_lookup(lookup: ArchitectureLookup) -> None:
     _architecture_lookup = lookup
 
 
-def architecture(arch: str) -> tuple[type, tuple[str, ...]]:
-    """(config class, training stages) of a registered architecture; unknown names are a BrainVAEError."""
+def architecture(arch: str) -> tuple[type, tuple[str, ...], tuple[str, ...]]:
+    """(config class, training stages, optional stages) of a registered architecture; unknown names are a BrainVAEError."""
     if _architecture_lookup is None:
         raise RuntimeError("no architecture registry: import brainvae.models.registry first")
     return _architecture_lookup(arch)

@@ -177,6 +177,10 @@ class BrainModel(nn.Module):
     stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
     inference_copy: bool = False  # True on the frozen copies made by for_inference()
     stages: tuple[str, ...] = ("model",)  # training stages, in order (two-stage models: autoencoder, then prior)
+    optional_stages: tuple[str, ...] = ()  # stages trained only when the run config gives ``[stages.NAME]``
+    # Stages whose validation loss does not choose the checkpoint (an adversarial fine-tune worsens the
+    # likelihood on purpose): their ``best`` is the stage's last weights.
+    unselected_stages: tuple[str, ...] = ()
     sample_options: tuple[str, ...] = ()  # keyword options of sample() beyond (n, cond, generator)
     fixed_sigma: float = 0.1  # per-pixel std of the likelihood decode_params assumes (models without their own)
     score_smoothing: float = 1.5  # px: Gaussian sigma applied to |dKL/dx| by the KL scores

@@ -17,6 +17,10 @@ Stable Diffusion 3 (Esser et al. 2024):
    standardised per channel (statistics from the training split when the stage
    starts, kept as buffers), train a conditional rectified flow
    (:mod:`brainvae.models.flow`) with condition dropout for classifier-free guidance.
+3. ``decoder`` stage (optional: trained when the run config has ``[stages.decoder]``): the encoder frozen,
+   the decoder and discriminator train on, the adversarial term on from the first step. The latent, and
+   so the prior, stay valid; only the decoded images sharpen. The stage's likelihood worsens as its images
+   sharpen, so its checkpoint is its last weights, not the lowest validation loss.
 
 One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``),
 one run folder; the engine trains the stages in order (``RunConfig.stage_plan``).
@@ -34,6 +38,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from ..config import check, from_dict
+from ..errors import BrainVAEError
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output
 from .flow import FlowConfig, FlowPrior
 from .registry import register
@@ -124,7 +129,9 @@ class LDMConfig(BaseConfig):
 @register("ldm", LDMConfig)
 class LDM(BrainModel):
     config: LDMConfig
-    stages = ("autoencoder", "prior")
+    stages = ("autoencoder", "prior", "decoder")
+    optional_stages = ("decoder",)
+    unselected_stages = ("decoder",)
     sample_options = ("steps", "guidance", "solver")
 
     def __init__(self, config: LDMConfig):
@@ -140,15 +147,27 @@ class LDM(BrainModel):
     # -- stages -------------------------------------------------------------------------------------
     def set_stage(self, name: str) -> None:
         super().set_stage(name)
+        if name == "decoder" and self.autoencoder.disc is None:
+            raise BrainVAEError("the ldm decoder stage sharpens the decoder adversarially: set "
+                                "[model.autoencoder] adv_weight > 0")
         self.stage = name
-        self.autoencoder.requires_grad_(name == "autoencoder")
+        self.autoencoder.requires_grad_(name in ("autoencoder", "decoder"))
+        for frozen in self._encoder_side():
+            frozen.requires_grad_(name == "autoencoder")
         self.flow.requires_grad_(name == "prior")
+        self.step = self.step  # the decoder stage's adversarial term is on from its first step
         self.train(self.training)
+
+    def _encoder_side(self) -> tuple[nn.Module, ...]:
+        return self.autoencoder.encoder, self.autoencoder.to_posterior
 
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
         if self.stage == "prior":  # the frozen autoencoder keeps its BatchNorm statistics
             self.autoencoder.eval()
+        if self.stage == "decoder":  # so does the frozen encoder
+            for frozen in self._encoder_side():
+                frozen.eval()
         return self
 
     @torch.no_grad()
@@ -183,7 +202,8 @@ class LDM(BrainModel):
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.stage == "prior":
             return {"model": list(self.flow.parameters())}
-        return self.autoencoder.optimizer_groups()
+        groups = self.autoencoder.optimizer_groups()
+        return {g: [p for p in params if p.requires_grad] for g, params in groups.items()}
 
     @property
     def step(self) -> int:
@@ -191,7 +211,9 @@ class LDM(BrainModel):
 
     @step.setter
     def step(self, value: int) -> None:
-        self.autoencoder.step = value
+        """The engine's optimiser step; in the decoder stage at least ``adv_start`` (the adversarial term on)."""
+        start = self.autoencoder.config.adv_start if self.stage == "decoder" else 0
+        self.autoencoder.step = max(int(value), start)
 
     def disc_loss(self, x: Tensor, recon: Tensor, cond: Cond = None) -> Tensor:
         return self.autoencoder.disc_loss(x, recon)
@@ -211,7 +233,7 @@ class LDM(BrainModel):
         return self.autoencoder.decode(z)
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
-        if self.stage == "autoencoder":
+        if self.stage != "prior":  # autoencoder, decoder: the autoencoder's loss (its frozen parts get no gradient)
             return self.autoencoder(x, None, kl_scale)
         posterior = None
         if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)

@@ -46,10 +46,11 @@ def lookup(name: str) -> tuple[type, type]:
     return _REGISTRY[name]
 
 
-def config_and_stages(name: str) -> tuple[type, tuple[str, ...]]:
-    """(config class, training stages) of architecture ``name``: what RunConfig needs to validate a run."""
+def config_and_stages(name: str) -> tuple[type, tuple[str, ...], tuple[str, ...]]:
+    """(config class, training stages, optional stages) of architecture ``name``: what RunConfig needs to
+    validate a run and plan its stages."""
     model_cls, config_cls = lookup(name)
-    return config_cls, model_cls.stages
+    return config_cls, model_cls.stages, model_cls.optional_stages
 
 
 set_architecture_lookup(config_and_stages)

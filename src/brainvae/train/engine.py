@@ -387,12 +387,12 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
             else:  # epoch completed
                 st["epoch"] += 1
                 st["step_in_epoch"] = 0
-                stop = _end_epoch(run, s, st, validate())
+                stop = _end_epoch(run, s, st, validate(), name not in model.unselected_stages)
                 last_save = time.perf_counter()
         # A stage that stopped mid-epoch validates once more so `best` reflects its end.
         if st["step_in_epoch"] != 0 or st["best_val"] == float("inf"):
             val = validate()
-            if val < st["best_val"]:
+            if val < st["best_val"] or name in model.unselected_stages:
                 st["best_val"] = val
                 run.save("best", st, s.optimisers, s.ema)
         run.save("last", st, s.optimisers, s.ema)
@@ -405,16 +405,16 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
     return s.ema
 
 
-def _end_epoch(run: Run, s: Stage, st: dict, val: float) -> bool:
+def _end_epoch(run: Run, s: Stage, st: dict, val: float, selects: bool = True) -> bool:
     """After an epoch's validation loss ``val``: images to TensorBoard, the tuner's callback, the best and
-    last checkpoints; returns whether patience has run out."""
+    last checkpoints (``selects`` False: every epoch is the best); returns whether patience has run out."""
     n_pixels = run.model.config.image_size ** 2
     if run.writer is not None:
         _log_images(run.writer, run.model, s.ema, run.val_data, st["step"])
     if run.on_validate is not None:
         run.on_validate(st["step"], st["epoch"], val / n_pixels)
-    if val < st["best_val"]:
-        st["best_val"], st["bad_epochs"] = val, 0
+    if val < st["best_val"] or not selects:
+        st["best_val"], st["bad_epochs"] = min(val, st["best_val"]), 0
         run.save("best", st, s.optimisers, s.ema)
     else:
         st["bad_epochs"] += 1
@@ -459,7 +459,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     size = model.config.image_size
     slices = SliceBatches(store, "train", size, dev), SliceBatches(store, "val", size, dev)
     run = Run(run_dir, run_cfg, model, *slices, dev, rank, world, progress, on_validate)
-    plan = run_cfg.stage_plan(model.stages)
+    plan = run_cfg.stage_plan()
 
     st, saved = new_counters(), None
     last = RunDir(run_dir).last_checkpoint
@@ -550,7 +550,7 @@ def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches
     stages recorded in the history as taken from there."""
     source = RunDir.resolve(run_cfg.init["from"])
     load_weights(source.checkpoint("best"), model, prefer_ema=True)
-    start = run_cfg.start_stage(model.stages)
+    start = run_cfg.start_stage()
     st = new_counters(stage=start)
     st["history"] = [{"stage": name, "from": str(run_cfg.init["from"])} for name, _ in plan[:start]]
     if start > 0:
