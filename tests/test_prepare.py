@@ -310,3 +310,42 @@ def test_brats_validation_release_without_segmentations_keeps_each_patient_in_on
     m = SliceStore(out).manifest
     assert sorted(m["subject"].unique()) == ["Brats18_V_0", "Brats18_V_1", "Brats18_V_2"]
     assert m.groupby("subject")["split"].nunique().max() == 1 and not SliceStore(out).has_lesions
+
+
+def _template_subject(tmp_path, turn: bool = False, shift_mm: float = 0.0):
+    """The MNI template itself as a subject's T1 and brain mask (2 mm), shifted ``shift_mm`` to the patient's
+    right, or turned upside down (a 180 degree turn about the left-right axis)."""
+    import SimpleITK as sitk
+
+    from brainvae.data.preprocess import mni_template
+
+    fixed, mask, _ = mni_template()
+    image = sitk.GetArrayFromImage(fixed).transpose(2, 1, 0)  # (X, Y, Z) in LPS order of the sitk grid
+    brain = sitk.GetArrayFromImage(mask).transpose(2, 1, 0).astype(np.float32)
+    if turn:
+        image, brain = image[:, ::-1, ::-1].copy(), brain[:, ::-1, ::-1].copy()
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)  # the sitk grid's index -> RAS mm
+    affine[:3, :3] = lps_to_ras @ np.reshape(fixed.GetDirection(), (3, 3)) @ np.diag(fixed.GetSpacing())
+    affine[:3, 3] = lps_to_ras @ np.array(fixed.GetOrigin()) + [shift_mm, 0, 0]
+    img = write_nifti(tmp_path / "IXI002-HH-0002-T1.nii.gz", image, affine)
+    msk = write_nifti(tmp_path / "m" / "IXI002-HH-0002-T1_mask.nii.gz", brain, affine)
+    return Scan("IXI002", img, "T1", "ixi", "HH", mask=msk)
+
+
+def test_registration_brings_a_shifted_brain_back_onto_the_template(tmp_path):
+    from brainvae.data.preprocess import MIN_TEMPLATE_CORRELATION
+
+    scan = _template_subject(tmp_path, shift_mm=12.0)
+    cfg = PrepareConfig(size=32, spacing=6.0, min_brain=0.0, register=True, n4=False)
+    moved = prepare_volume(scan, cfg)
+    assert moved.stats["template_correlation"] > 0.9 > MIN_TEMPLATE_CORRELATION
+    still = prepare_volume(_template_subject(tmp_path / "still"), cfg)  # the template unmoved: the same slices
+    assert np.array_equal(moved.slice_index, still.slice_index)
+    assert np.abs(moved.slices - still.slices).mean() < 0.02
+
+
+def test_a_registration_that_fails_is_reported_not_stored(tmp_path):
+    scan = _template_subject(tmp_path, turn=True)
+    with pytest.raises(BrainVAEError, match="registration to the MNI template failed.*IXI002|IXI002.*registration"):
+        prepare_volume(scan, PrepareConfig(size=32, spacing=6.0, min_brain=0.0, register=True, n4=False))

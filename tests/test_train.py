@@ -14,6 +14,7 @@ import torch
 
 from brainvae.config import RunConfig, TrainConfig, save_config
 from brainvae.data.dataset import SliceBatches
+from brainvae.data.store import SliceStore
 from brainvae.errors import BrainVAEError, InputFileError, OutputExistsError
 from brainvae.generate import load
 from brainvae.train.engine import lr_factor, train
@@ -312,3 +313,58 @@ def test_auto_precision_is_fp32_when_torch_is_held_to_avx2(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+
+
+EPOCHS = 12  # a few seconds of training: long enough to be signalled at epoch 2, short enough to resume
+
+
+def _start_training(tmp_path: Path, store: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """``brainvae train`` in its own process (a tiny vae, many epochs), as a user or a scheduler starts it."""
+    cfg = tmp_path / "tiny.toml"
+    save_config(run_cfg(epochs=EPOCHS), cfg)
+    return subprocess.Popen([sys.executable, "-m", "brainvae.cli", "train", str(cfg), "--data", str(store),
+                             "--out", str(run), "--quiet", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoints(proc: subprocess.Popen, run: Path, epochs: int, timeout: float = 120.0) -> None:
+    """Until the run has logged ``epochs`` validations (each followed by a checkpoint)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = run / "metrics.jsonl"
+        if log.exists() and sum('"val/loss"' in line for line in log.read_text().splitlines()) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach {epochs} epochs: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_killed_training_process_resumes_where_its_checkpoint_left_off(tiny_store, tmp_path, how):
+    """A real process, a real signal: SIGTERM (a scheduler pre-empting the job) saves the last checkpoint and
+    says how to continue; SIGKILL keeps the last epoch's checkpoint. Both resume to the full run's steps."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = _start_training(tmp_path, tiny_store, run)
+    _wait_for_checkpoints(proc, run, epochs=2)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=False)["counters"]
+    if how == "SIGTERM":
+        assert proc.returncode == 130 and "continue with --resume" in err
+        assert state["step"] == max(train_losses(run))  # saved at the step it was stopped at
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert state["step_in_epoch"] == 0 and state["epoch"] >= 1  # an epoch's end checkpoint
+    assert state["epoch"] < EPOCHS  # stopped early
+    done = subprocess.run([sys.executable, "-m", "brainvae.cli", "train", str(tmp_path / "tiny.toml"), "--data",
+                           str(tiny_store), "--out", str(run), "--quiet", "--resume"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    steps_per_epoch = len(SliceBatches(SliceStore(tiny_store), "train", 32)) // 8
+    assert summary["steps"] == EPOCHS * steps_per_epoch
+    steps = [s for s in train_losses(run)]
+    assert steps == sorted(set(steps)) and max(steps) == summary["steps"]  # each step logged once

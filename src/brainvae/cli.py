@@ -288,7 +288,13 @@ def train_cmd(
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, budget=budget, epochs=epochs, precision=precision,
                                      compile=compile, seed=seed))
     with log_to(log_file if os.environ.get("RANK", "0") == "0" else None, out):  # one writer under torchrun
-        summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
+        try:
+            summary = train(out, data, cfg, device=device, resume=resume, force=force, progress=not quiet)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler: the last checkpoint was saved
+            if not RunDir(out).last_checkpoint.exists():
+                raise
+            say(f"interrupted: the last checkpoint is in {out}; continue with --resume", err=True)
+            raise typer.Exit(130) from None
         say(f"trained {summary['arch']}: {summary['steps']} steps in {summary['seconds']} s "
             f"({summary['images_per_second']} img/s), best val loss {summary['best_val_loss_per_pixel']:.4f} "
             f"nats/pixel -> {out}")

@@ -240,8 +240,8 @@ def _spread(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def fig_real_vs_sample(path: Path, real: np.ndarray, real_pos: np.ndarray, samples: np.ndarray,
-                       sample_pos: np.ndarray, matched: bool) -> None:
-    """Real test slices above samples at matched slice positions.
+                       sample_pos: np.ndarray, matched: bool, split: str = "test") -> None:
+    """Real slices of ``split`` above samples at matched slice positions.
 
     ``matched``: sample i was generated at real slice i's position. Otherwise,
     for evenly spread real positions, the sample whose predicted position (the
@@ -255,7 +255,7 @@ def fig_real_vs_sample(path: Path, real: np.ndarray, real_pos: np.ndarray, sampl
         picked = np.array([np.argmin(np.abs(sample_pos - real_pos[i])) for i in cols])
         labels = [f"{real_pos[i]:.2f} / {sample_pos[j]:.2f}" for i, j in zip(cols, picked)]
         note = "samples ordered by the feature net's predicted position (real / predicted)"
-    _image_rows(path, [real[cols], samples[picked]], ["real (test)", "sample"], labels, title=note)
+    _image_rows(path, [real[cols], samples[picked]], [f"real ({split})", "sample"], labels, title=note)
 
 
 def fig_reconstructions(path: Path, real: np.ndarray, recon: np.ndarray, positions: np.ndarray) -> None:
@@ -433,7 +433,8 @@ def write_figures(folder: Path, model, store: SliceStore, sets: EvalSets, sample
     """The evaluation's figures in ``folder``; returns their file names."""
     conds = set(model.config.conditions)
     figures = ["real_vs_sample.png", "reconstructions.png", "closest_pairs.png", "histograms.png", "interpolation.png"]
-    fig_real_vs_sample(folder / figures[0], sets.real, sets.cond["position"], samples, pos_samp, "position" in conds)
+    fig_real_vs_sample(folder / figures[0], sets.real, sets.cond["position"], samples, pos_samp, "position" in conds,
+                       sets.split)
     fig_reconstructions(folder / figures[1], sets.real, recon, sets.cond["position"])
     fig_closest_pairs(folder / figures[2], **closest)
     fig_histograms(folder / figures[3], hists)

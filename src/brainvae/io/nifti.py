@@ -44,22 +44,23 @@ class Volume:
 def load_image(path: Path) -> nib.Nifti1Image:
     """Load a NIfTI image into memory (float32, scaling applied), with errors that name the file.
 
-    A ``.gz`` is first decompressed once as a stream, checking its CRC and
-    length: nibabel reads only the bytes the header asks for, so a corrupt
-    gzip would otherwise pass as garbage voxels. The size the header declares
-    must fit in the data (a bad header must not allocate gigabytes). Then the
-    data are read here, once, so any other problem is reported now, as a
-    problem of this file; the header (original dtype, zooms) is kept.
+    A ``.gz`` is decompressed once, in memory, checking its CRC and length
+    (``gzip.decompress``): nibabel reads only the bytes the header asks for,
+    so a corrupt gzip would otherwise pass as garbage voxels. The size the
+    header declares must fit in the data (a bad header must not allocate
+    gigabytes). Then the data are read here, once, so any other problem is
+    reported now, as a problem of this file; the header (original dtype,
+    zooms) is kept.
     """
     path = Path(path)
     if not path.exists():
         raise InputFileError(path, "file not found")
     try:
         if path.name.lower().endswith(".gz"):
-            data_bytes = _gunzipped_size(path)
+            raw = gzip.decompress(path.read_bytes())
+            proxy, data_bytes = _from_bytes(raw), len(raw)
         else:
-            data_bytes = path.stat().st_size
-        proxy = nib.load(path)
+            proxy, data_bytes = nib.load(path), path.stat().st_size
         _check_declared_size(proxy, data_bytes, path)
         img = nib.Nifti1Image(proxy.get_fdata(dtype=np.float32), proxy.affine, proxy.header)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -73,17 +74,14 @@ def load_image(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def _gunzipped_size(path: Path) -> int:
-    """Decompress a .gz as a stream (1 MiB at a time, nothing kept) and return its length.
-
-    ``gzip`` checks each member's CRC-32 and length at its end: a truncated or
-    corrupt file raises ``EOFError`` / ``BadGzipFile`` / ``zlib.error``.
-    """
-    size = 0
-    with gzip.open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-    return size
+def _from_bytes(raw: bytes) -> nib.Nifti1Image:
+    """A NIfTI-1 or NIfTI-2 image over the bytes of a decompressed .nii (by its header size, either byte order)."""
+    sizes = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
+    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    try:
+        return klass.from_bytes(raw)
+    except (nib.wrapstruct.WrapStructError, nib.spatialimages.HeaderDataError) as exc:
+        raise nib.filebasedimages.ImageFileError(f"no valid NIfTI header ({exc})") from None
 
 
 def _check_declared_size(proxy, available: int, path: Path) -> None:

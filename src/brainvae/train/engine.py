@@ -23,6 +23,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -488,20 +490,21 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     run.writer = _writer(run_dir) if rank == 0 else None
     run.log = RunDir(run_dir).metrics_log.open("a") if rank == 0 else None
     try:
-        for index in range(st["stage"], len(plan)):
-            name, cfg = plan[index]
-            model.set_stage(name)
-            run.train_data, run.val_data = (model.stage_data(name, data) for data in slices)
-            ema = _train_stage(run, name, cfg, st, saved)
-            saved = None
-            if index + 1 < len(plan):  # hand over: freeze the EMA weights, prepare the next stage, checkpoint
-                if ema is not None:
-                    model.load_state_dict(ema.shadow)
-                history = st["history"] + [_stage_summary(name, st, size, cfg.batch_size * world)]
-                st.update(new_counters(index + 1, st["step"], st["elapsed_done"] + st["elapsed"]), history=history)
-                model.set_stage(plan[index + 1][0])
-                model.begin_stage(plan[index + 1][0], slices[0])
-                run.save("last", st, {}, None)
+        with _terminate_as_interrupt():  # SIGTERM (a scheduler pre-empting the job) ends it like Ctrl-C
+            for index in range(st["stage"], len(plan)):
+                name, cfg = plan[index]
+                model.set_stage(name)
+                run.train_data, run.val_data = (model.stage_data(name, data) for data in slices)
+                ema = _train_stage(run, name, cfg, st, saved)
+                saved = None
+                if index + 1 < len(plan):  # hand over: freeze the EMA weights, prepare the next stage, checkpoint
+                    if ema is not None:
+                        model.load_state_dict(ema.shadow)
+                    history = st["history"] + [_stage_summary(name, st, size, cfg.batch_size * world)]
+                    st.update(new_counters(index + 1, st["step"], st["elapsed_done"] + st["elapsed"]), history=history)
+                    model.set_stage(plan[index + 1][0])
+                    model.begin_stage(plan[index + 1][0], slices[0])
+                    run.save("last", st, {}, None)
     except BaseException:
         if not resume and rank == 0 and not last.exists():  # nothing worth keeping; the rerun starts clean
             _close_logs(run)
@@ -526,6 +529,24 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     if rank == 0:
         RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt (in the main thread), so the training loop saves the
+    last checkpoint before it stops, as on Ctrl-C: a job that a scheduler pre-empts resumes with --resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _close_logs(run: Run) -> None:
