@@ -54,7 +54,7 @@ def main() -> None:
         args.out.write_text(text + "\n")
     print(f"{args.run} ({args.which}, {args.split}, n={len(recon)}): C2ST reconstructions vs real "
           f"{c2st['accuracy']['value']:.3f} (floor {c2st['accuracy']['floor']:.3f}); in-brain SSIM "
-          f"{rec['brain'].get('ssim', float('nan')):.3f}")
+          f"{rec['brain']['ssim']['mean']:.3f}")
 
 
 if __name__ == "__main__":

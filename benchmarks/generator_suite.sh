@@ -34,3 +34,15 @@ $B evaluate runs/ldm-prior2-bg --data datasets/ixi-t1-mni --quiet --force
 .venv/bin/python benchmarks/bench_sampler.py runs/ldm-prior2-bg --data datasets/ixi-t1-mni --steps 16 --solvers heun \
     --out benchmarks/results/sampler_ixi-t1-128-v2.json
 $B utility runs/ldm-prior2-bg --data datasets/ixi-t1-mni --ratios 1 --repeats 3 --quiet --force
+
+# v3 (session 6): the decoder sharpened adversarially on v2 with the encoder (so the latent and the prior) frozen:
+# 60 minutes of the optional `decoder` stage ([stages.decoder] in the config), chosen on the validation split by the
+# C2ST of the reconstructions (benchmarks/bench_recon_c2st.py) and of the samples, then measured once on test.
+[ -f runs/ldm-dec/summary.json ] || $B train benchmarks/results/generator/config_ldm_v3.toml --data datasets/ixi-t1-mni \
+    --out runs/ldm-dec --quiet
+for r in runs/ldm-prior2-bg runs/ldm-dec; do
+    .venv/bin/python benchmarks/bench_recon_c2st.py $r --data datasets/ixi-t1-mni \
+        --out benchmarks/results/generator/recon_c2st_$(basename $r)_val.json
+done
+$B evaluate runs/ldm-dec --data datasets/ixi-t1-mni --split val --quiet --force
+$B evaluate runs/ldm-dec --data datasets/ixi-t1-mni --quiet --force
