@@ -46,3 +46,8 @@ for r in runs/ldm-prior2-bg runs/ldm-dec; do
 done
 $B evaluate runs/ldm-dec --data datasets/ixi-t1-mni --split val --quiet --force
 $B evaluate runs/ldm-dec --data datasets/ixi-t1-mni --quiet --force
+
+# Tried in session 6, not shipped: the prior trained on with mirrored latents (validation only).
+[ -f runs/ldm-flip/summary.json ] || $B train benchmarks/results/generator/config_ldm_v3_flip.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-flip --quiet
+$B evaluate runs/ldm-flip --data datasets/ixi-t1-mni --split val --quiet --force

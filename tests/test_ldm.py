@@ -217,3 +217,29 @@ def test_ldm_samples_are_zero_outside_the_brain_when_background_is_set():
     assert model.sampler_settings()["background"] == 0.1
     with pytest.raises(BrainVAEError, match="background"):
         build("ldm", {"image_size": 32, "background": 1.5})
+
+
+def test_flipped_latents_are_the_mirrored_slices_drawn_at_random(tiny_store):
+    from types import SimpleNamespace
+
+    from brainvae.data.dataset import SliceBatches
+    from brainvae.data.store import SliceStore
+
+    data = SliceBatches(SliceStore(tiny_store), "train", 32)
+    encode = lambda x: SimpleNamespace(mean=x, logvar=torch.full_like(x, -60.0))  # noqa: E731  z = x exactly
+    plain, flipped = LatentBatches(data, encode), LatentBatches(data, encode, flip=True)
+    assert len(flipped) == len(plain) == len(data)
+    rows = np.arange(4)
+    x, cond = data.batch(rows)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        z, c = flipped.batch(rows)
+        assert all(torch.equal(c[k], cond[k]) for k in cond)
+        for i in range(len(rows)):
+            same, mirror = torch.allclose(z[i], x[i]), torch.allclose(z[i], x[i].flip(-1))
+            assert same or mirror
+            seen.add("same" if same else "mirror")
+    assert seen == {"same", "mirror"}
+    z, _ = plain.batch(rows)
+    assert torch.allclose(z, x)
