@@ -81,17 +81,16 @@ class LatentBatches:
     def __init__(self, data, encode, batch_size: int = 64, flip: bool = False):
         self.source = data  # the SliceBatches (images) behind the latents
         self.cond, self.device = data.cond, data.device
-        views = (False, True) if flip else (False,)
-        means, stds = {v: [] for v in views}, {v: [] for v in views}
+        views = 2 if flip else 1  # view 0: the slices; view 1: their mirrors
+        means, stds = [[] for _ in range(views)], [[] for _ in range(views)]
         for start in range(0, len(data), batch_size):
             x, _ = data.batch(np.arange(start, min(start + batch_size, len(data))))
-            for mirrored in views:
-                posterior = encode(x.flip(-1) if mirrored else x)
-                means[mirrored].append(posterior.mean.float())
-                stds[mirrored].append(torch.exp(0.5 * posterior.logvar.float()))
-        # (V, N, C, s, s) each: V = 1, or 2 with the mirrored slices second
-        self.mean = torch.stack([torch.cat(means[v]) for v in views])
-        self.std = torch.stack([torch.cat(stds[v]) for v in views])
+            for v in range(views):
+                posterior = encode(x.flip(-1) if v else x)
+                means[v].append(posterior.mean.float())
+                stds[v].append(torch.exp(0.5 * posterior.logvar.float()))
+        self.mean = torch.stack([torch.cat(m) for m in means])  # (V, N, C, s, s)
+        self.std = torch.stack([torch.cat(sd) for sd in stds])
 
     def __len__(self) -> int:
         return self.mean.shape[1]

@@ -393,10 +393,7 @@ def _train_stage(run: Run, name: str, cfg: TrainConfig, st: dict, saved: dict | 
                 last_save = time.perf_counter()
         # A stage that stopped mid-epoch validates once more so `best` reflects its end.
         if st["step_in_epoch"] != 0 or st["best_val"] == float("inf"):
-            val = validate()
-            if val < st["best_val"] or name in model.unselected_stages:
-                st["best_val"] = val
-                run.save("best", st, s.optimisers, s.ema)
+            _keep_best(run, s, st, validate(), name not in model.unselected_stages)
         run.save("last", st, s.optimisers, s.ema)
     except KeyboardInterrupt:
         st["elapsed"] = time.perf_counter() - t_start
@@ -415,13 +412,20 @@ def _end_epoch(run: Run, s: Stage, st: dict, val: float, selects: bool = True) -
         _log_images(run.writer, run.model, s.ema, run.val_data, st["step"])
     if run.on_validate is not None:
         run.on_validate(st["step"], st["epoch"], val / n_pixels)
-    if val < st["best_val"] or not selects:
-        st["best_val"], st["bad_epochs"] = min(val, st["best_val"]), 0
-        run.save("best", st, s.optimisers, s.ema)
-    else:
-        st["bad_epochs"] += 1
+    st["bad_epochs"] = 0 if _keep_best(run, s, st, val, selects) else st["bad_epochs"] + 1
     run.save("last", st, s.optimisers, s.ema)
     return bool(s.cfg.patience and st["bad_epochs"] >= s.cfg.patience)
+
+
+def _keep_best(run: Run, s: Stage, st: dict, val: float, selects: bool) -> bool:
+    """Save the ``best`` checkpoint when the validation loss ``val`` beats the stage's best so far, or always
+    when the stage's loss does not select (``selects`` False); ``best_val`` is then the loss of the weights
+    saved as best. Returns whether it saved."""
+    if val < st["best_val"] or not selects:
+        st["best_val"] = val
+        run.save("best", st, s.optimisers, s.ema)
+        return True
+    return False
 
 
 def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = "auto", resume: bool = False,
