@@ -107,11 +107,16 @@ def test_every_registered_architecture_gets_its_scores():
     for arch in registry.architectures():
         model = registry.build(arch, {"image_size": 32, **tiny.get(arch, {})}).eval()
         scores = model.scores()  # their shapes are checked for every architecture in test_models
-        deterministic = arch in ("ae", "vqvae")
+        deterministic = arch in ("ae", "vqvae", "dae")
         assert ("kl_combined" in scores) != deterministic, arch
         assert ("kl_additive" in model.unavailable_scores()) == deterministic, arch
-        assert set(SC.RECONSTRUCTION_SCORES) <= set(scores), arch
         assert ("prior_nll" in scores) == (arch == "vqvae"), arch
+        assert (("restoration" in scores) and ("restoration_neg_smooth" in scores)) == (arch == "ldm"), arch
+        if arch == "dae":  # no latent: the residuals, no reconstruction probability
+            assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"}
+            assert "no latent" in model.unavailable_scores()["recon_prob"]
+            continue
+        assert set(SC.RECONSTRUCTION_SCORES) <= set(scores), arch
         if arch == "resvae":
             assert model.likelihood() == "learned per-pixel sigma (decode_params)"
         else:  # the config's sigma (the ldm's config has none: 0.1)
@@ -185,7 +190,7 @@ def test_validation_threshold_never_sees_test_cases():
     relabelled[is_test] = ~relabelled[is_test]  # and their labels
     for s, les in ((perturbed, lesion), (score, relabelled), (perturbed, relabelled)):
         other = M.evaluate_score(s, les, brain, cases, val, test, min_area=0)
-        assert other["threshold"] == ref["threshold"]
+        assert other["threshold"] == ref["threshold"] and other["val_dice"] == ref["val_dice"]
         assert other["dice"] != ref["dice"]  # the perturbation did reach the test numbers
     # and it does depend on the validation cases
     shifted = score.copy()
@@ -317,6 +322,26 @@ def test_anomaly_command_end_to_end(tmp_path):
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--score", "prior_nll", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "not available" in r.output
 
+    # the recommended score chosen on validation cases, an ensemble, label-free thresholds from a healthy store
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--healthy", store, "--fpr", 0.05, "--samples", 1,
+               "--val-fraction", 0.34, "--device", "cpu", "--out", tmp_path / "auto", "--quiet")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    model_keys = [k for k in metrics["scores"] if not k.startswith("brightness/")]
+    best = max(model_keys, key=lambda k: metrics["scores"][k]["val_dice"])
+    assert metrics["primary_score"] == best and "validation" in metrics["primary_selection"]
+    ens = metrics["scores"]["ensemble/rank_mean"]
+    assert len(ens["members"]) == 3 and all(m in metrics["scores"] for m in ens["members"])
+    maps = sorted(p.name for p in (tmp_path / "auto" / "maps").iterdir())
+    assert metrics["nifti"]["skipped"] and not maps  # a store made in memory has no source scans to map onto
+    assert metrics["healthy"]["subjects"] == {"val": 1, "test": 1}
+    for k in model_keys:
+        free, det = metrics["scores"][k]["label_free"], metrics["scores"][k]["case_detection"]
+        assert free["fpr_healthy_val"] == 0.05 and 0 <= (free["dice"] or 0) <= 1
+        assert det["healthy_test_subjects"] == 1 and det["test_cases"] == len(metrics["cases"]["test"])
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--healthy", tmp_path / "anom", "--out", tmp_path / "y")
+    assert r.exit_code == 1 and "has lesion masks" in r.output
+
 
 # -- an architecture registered from outside the package: its own config class and its own score -----
 @dataclass(frozen=True)
@@ -366,7 +391,7 @@ def test_an_architecture_registered_outside_the_package(tmp_path, monkeypatch):
                                AnomalyConfig(primary="off_level", val_fraction=0.34, n_samples=1), progress=False)
     scores = summary["scores"]
     assert list(scores) == [*(f"model/{n}" for n in [*SC.RECONSTRUCTION_SCORES, "off_level"]),
-                            "brightness/hyper", "brightness/hypo"]
+                            "brightness/hyper", "brightness/hypo", "ensemble/rank_mean"]
     assert set(summary["unavailable"]) == {"model/kl_combined", "model/kl_additive"}
     mine, bright = scores["model/off_level"], scores["brightness/hyper"]
     assert mine["description"] == "distance from the expected level" and summary["primary_score"] == "model/off_level"
@@ -376,3 +401,53 @@ def test_an_architecture_registered_outside_the_package(tmp_path, monkeypatch):
     assert "model/off_level" in table[0].split(",")
     assert sorted(p.name for p in (tmp_path / "out").glob("overlay_*.png")) == \
         sorted(f"overlay_{c}.png" for c in summary["cases"]["test"])
+
+
+def test_label_free_threshold_and_case_scores():
+    rng = np.random.default_rng(0)
+    healthy = rng.random((4, 16, 16)).astype(np.float32)
+    brain = np.ones_like(healthy, bool)
+    brain[:, :2] = False
+    healthy[~brain] = 99.0  # outside the brain: never counted
+    t = M.label_free_threshold(healthy, brain, 0.05)
+    assert (healthy[brain] >= t).mean() == pytest.approx(0.05, abs=0.01)
+    # it takes no lesion mask; applied to cases, it reports Dice and the share of normal tissue it flags
+    score, lesion, brain2, cases = _toy_case_data()
+    out = M.dice_at(score, lesion, brain2, cases, ["C2", "C3"], threshold=0.9)
+    test = np.isin(cases, ["C2", "C3"])
+    pred, truth = score[test] >= 0.9, lesion[test]
+    assert out["dice"] == pytest.approx(M.dice(pred, truth), abs=1e-4)
+    assert out["fpr_normal_tissue"] == pytest.approx(pred[~truth].mean(), abs=1e-4)
+    cs = M.case_scores(score, brain2, cases, top=0.01)
+    k = int(np.ceil(0.01 * (cases == "C0").sum() * 16 * 16))
+    assert cs["C0"] == pytest.approx(np.sort(score[cases == "C0"].ravel())[-k:].mean())
+
+
+def test_primary_score_is_chosen_on_validation_dice_only():
+    from brainvae.evaluate.anomaly import Scored, choose_primary
+
+    scored = Scored()
+    scored.results = {"model/a": {"val_dice": 0.3, "dice": 0.9}, "model/b": {"val_dice": 0.5, "dice": 0.1},
+                      "brightness/hypo": {"val_dice": 0.9, "dice": 0.9}, "baseline/a": {"val_dice": 0.8}}
+    assert choose_primary(scored, AnomalyConfig()) == "baseline/a"  # the best on validation, brightness aside
+    scored.results["baseline/a"]["dice"] = 0.0  # test numbers change nothing
+    scored.results["model/b"]["dice"] = 1.0
+    assert choose_primary(scored, AnomalyConfig()) == "baseline/a"
+    assert choose_primary(scored, AnomalyConfig(primary="a")) == "model/a"
+    with pytest.raises(BrainVAEError, match="not computed"):
+        choose_primary(scored, AnomalyConfig(primary="ensemble"))
+
+
+def test_ensemble_averages_rank_normalised_maps():
+    from brainvae.evaluate.anomaly import Ensemble
+
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 8, 8)).astype(np.float32)
+    maps = {"a": a, "b": 100 * a ** 3}  # the same ranking in other units
+    region = np.ones_like(a, bool)
+    region[:, 0] = False
+    ens = Ensemble.fit(["a", "b"], maps, region)  # (keys "source/score" in a run)
+    out = ens(maps, region)
+    assert (out[~region] == 0).all() and out.max() == pytest.approx(1.0)
+    ranks = np.argsort(np.argsort(a[region]))
+    assert np.array_equal(np.argsort(np.argsort(out[region])), ranks)  # rank order kept

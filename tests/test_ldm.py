@@ -12,9 +12,11 @@ from brainvae.config import RunConfig, TrainConfig
 from brainvae.errors import BrainVAEError
 from brainvae.export import export_model, training_lines
 from brainvae.generate import load, sample_images
+from brainvae.models.base import DiagonalGaussian
 from brainvae.models.flow import FlowConfig, FlowPrior
 from brainvae.models.ldm import LatentBatches, zero_background
 from brainvae.models.registry import build
+from brainvae.models.scoring import ScoreBatch
 from brainvae.train.engine import train
 
 TINY_LDM = {"arch": "ldm", "image_size": 32, "conditions": ["age", "sex", "position"],
@@ -243,3 +245,44 @@ def test_flipped_latents_are_the_mirrored_slices_drawn_at_random(tiny_store):
     assert seen == {"same", "mirror"}
     z, _ = plain.batch(rows)
     assert torch.allclose(z, x)
+
+
+def test_restoration_redraws_a_lesion_as_the_prior_sees_health():
+    """An oracle prior that knows one healthy latent (the velocity of a point mass: v = (z_t - z_h) / t)
+    brings a noised latent back to it from any level, so the restoration is the healthy slice and the
+    restoration scores light up the lesion, not the rest of the brain."""
+    model = build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"}).eval()
+    size = 32
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    healthy = torch.tensor((xx ** 2 + yy ** 2 < 0.6) * 0.6, dtype=torch.float32)[None, None]
+    x = healthy.clone()
+    lesion = torch.zeros_like(x, dtype=torch.bool)
+    lesion[..., 12:19, 10:17] = True
+    x[lesion] = 0.15  # a dark (T1-like) lesion
+    # an autoencoder that keeps the image (latent = the image, 1 x 32 x 32) and a prior whose only brain is `healthy`
+    model.autoencoder.encode = lambda im: DiagonalGaussian(im.float(), torch.zeros_like(im.float()))
+    model.autoencoder.decode = lambda z: z
+    model.latent_mean, model.latent_std = torch.tensor([0.3]), torch.tensor([0.5])  # standardisation round-trips
+    z_h = (healthy - 0.3) / 0.5
+    model.flow.velocity = lambda z, t, c: (z - z_h) / t.clamp_min(0.05)[:, None, None, None]  # (at t = 0: z = z_h)
+    model.flow.latent_shape = (1, size, size)
+    for t in model.config.restore_levels:
+        restored = model.restore(x, None, t, torch.Generator().manual_seed(0))
+        # exact but for the last Heun step, where the oracle's velocity is singular (t = 0, clamped)
+        assert (restored - healthy).abs().mean() < 0.03 and (restored - healthy)[lesion].mean() < 0.03, t
+    batch = ScoreBatch(model, x, None, generator=torch.Generator().manual_seed(0))
+    for name in ("restoration", "restoration_neg_smooth"):
+        m = model.scores()[name].compute(batch)
+        assert m.shape == x.shape
+        assert m[lesion].mean() > 10 * m[~lesion].mean() and lesion.flatten()[m.argmax()], name
+    assert "restorations" in batch.shared  # both scores shared one set of restorations
+    with pytest.raises(BrainVAEError, match="restore_levels"):
+        build("ldm", {"image_size": 32, "restore_levels": (0.0, 0.5)})
+
+
+def test_unknown_sex_is_a_missing_condition_for_the_prior():
+    model = build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"})
+    c = model.flow.cond_inputs({"age": torch.tensor([40.0, float("nan")]), "sex": torch.tensor([0.0, -1.0]),
+                                "position": torch.tensor([0.5, 0.5])}, 2, torch.device("cpu"))
+    missing = c[:, 3:]  # (age, sex, position) missing bits
+    assert missing.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]

@@ -349,3 +349,44 @@ def test_a_registration_that_fails_is_reported_not_stored(tmp_path):
     scan = _template_subject(tmp_path, turn=True)
     with pytest.raises(BrainVAEError, match="registration to the MNI template failed.*IXI002|IXI002.*registration"):
         prepare_volume(scan, PrepareConfig(size=32, spacing=6.0, min_brain=0.0, register=True, n4=False))
+
+
+def _dice(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_maps_on_the_grid_go_back_onto_the_source_scan(tmp_path, register):
+    """A lesion mask carried onto the store's grid and put back (``data.to_source``) lands where it was on the
+    source scan: its grid, affine and axis order (PSR storage here), through the registration's inverse too."""
+    import nibabel as nib
+
+    from brainvae.data.to_source import to_source
+
+    if register:  # the MNI template shifted 12 mm: prepare registers it back
+        scan = _template_subject(tmp_path, shift_mm=12.0)
+        cfg = PrepareConfig(size=96, spacing=2.0, min_brain=0.0, position_range=(0.0, 1.0), register=True, n4=False)
+    else:
+        shape = (40, 40, 36)
+        image, brain = head_phantom(shape)
+        img = write_nifti(tmp_path / "IXI003-HH-0003-T1.nii.gz", image, psr_affine(shape, zoom=3.0))
+        msk = write_nifti(tmp_path / "m" / "IXI003-HH-0003-T1_mask.nii.gz", brain, psr_affine(shape, zoom=3.0))
+        scan = Scan("IXI003", img, "T1", "ixi", "HH", mask=msk)
+        cfg = PrepareConfig(size=48, spacing=3.0, min_brain=0.0, position_range=(0.0, 1.0), n4=False)
+    source = nib.load(scan.image)
+    lesion = np.zeros(source.shape, np.uint8)
+    centre = np.array(source.shape) // 2
+    lesion[tuple(slice(c - 4, c + 3) for c in centre + [3, -2, 2])] = 1  # an off-centre block inside the brain
+    scan = Scan(scan.subject, scan.image, scan.modality, scan.dataset, scan.hospital, mask=scan.mask,
+                lesion=write_nifti(tmp_path / "lesion.nii.gz", lesion, source.affine))
+    prepared = prepare_volume(scan, cfg)
+    assert prepared.lesion.sum() > 0
+    back = to_source(prepared.lesion.astype(np.float32), prepared.slice_index, prepared.stats["grid"], scan.image,
+                     nearest=True)
+    assert back.shape == source.shape and np.allclose(back.affine, source.affine)
+    assert _dice(back.get_fdata(), lesion) > 0.8
+    # a float map too: the brain's grid intensities come back inside the source's brain
+    soft = to_source(prepared.slices, prepared.slice_index, prepared.stats["grid"], scan.image)
+    inside = np.asarray(nib.load(scan.mask).dataobj) > 0
+    assert soft.get_fdata()[inside].mean() > 5 * soft.get_fdata()[~inside].mean()

@@ -539,6 +539,8 @@ def quiz_make(
     from .train.engine import resolve_device
 
     checked_store(run, data, resize)
+    if healthy is not None:
+        checked_store(run, healthy, resize)
     path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
     typer.echo(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
                f"the key is {path / 'key.csv'})")
@@ -589,14 +591,28 @@ def anomaly_cmd(
     data: Annotated[Path, typer.Option(help="Store with lesion masks (e.g. BraTS, or `brainvae data anomalies`).")],
     val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated validation cases (subjects).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Else: seeded random fraction of cases for validation.")] = 0.3,
-    baseline: Annotated[Optional[Path], typer.Option(help="Second run scored the same way (e.g. an `ae` run).")] = None,
-    score: Annotated[str, typer.Option(help="Score shown in the overlays: residual, residual_pos, residual_neg, "
-                                             "residual_neg_smooth, recon_prob, kl_combined, kl_additive, prior_nll.")] = "residual",
+    baseline: Annotated[Optional[list[Path]], typer.Option(help="Another run scored the same way (e.g. an `ae` "
+                                                                 "run); repeat for several.")] = None,
+    score: Annotated[str, typer.Option(help="The recommended score (primary_score, in the overlays): auto (the "
+                                             "highest Dice on the validation cases), ensemble, or a model score: "
+                                             "residual, residual_neg_smooth, recon_prob, kl_combined, restoration, "
+                                             "...")] = "auto",
+    ensemble: Annotated[int, typer.Option(help="Scores combined by the ensemble (the best on validation; "
+                                                "0 = no ensemble).")] = 3,
+    healthy: Annotated[Optional[Path], typer.Option(help="Store of healthy subjects (e.g. the training store): "
+                                                         "label-free thresholds from its val split, case-level "
+                                                         "detection against its test split.")] = None,
+    fpr: Annotated[float, typer.Option(help="Label-free threshold: share of healthy brain pixels flagged.")] = 0.01,
+    healthy_slices: Annotated[int, typer.Option(help="Healthy slices scored per split (evenly spaced).")] = 300,
+    precision: Annotated[str, typer.Option(help="Autocast while scoring: auto (bf16 where the CPU has it "
+                                                "natively), fp32, bf16 or fp16.")] = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only this split of the store (default: all slices).")] = None,
     samples: Annotated[int, typer.Option(help="Posterior samples for the reconstruction probability.")] = 8,
     erode: Annotated[int, typer.Option(help="Brain-mask erosion (px).")] = 3,
     median: Annotated[int, typer.Option(help="Median filter size (px; 1 = off).")] = 5,
     min_area: Annotated[int, typer.Option(help="Smallest connected component kept after thresholding (px).")] = 10,
+    nifti: Annotated[bool, typer.Option(help="Write each case's primary score and mask as NIfTI on its source "
+                                             "scan (OUT/maps/).")] = True,
     batch_size: int = 64,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/anomaly).")] = None,
     seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False, resize: Resize = False,
@@ -611,10 +627,13 @@ def anomaly_cmd(
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
     checked_store(run, data, resize)
+    if healthy is not None:
+        checked_store(run, healthy, resize)
 
     cases = tuple(c.strip() for c in val_cases.split(",") if c.strip()) if val_cases else None
-    cfg = AnomalyConfig(baseline=baseline, val_cases=cases, val_fraction=val_fraction, primary=score, split=split,
-                        n_samples=samples, post=PostProcess(erode=erode, median=median, min_area=min_area),
+    cfg = AnomalyConfig(baselines=tuple(baseline or ()), val_cases=cases, val_fraction=val_fraction, primary=score,
+                        ensemble=ensemble, healthy=healthy, fpr=fpr, healthy_slices=healthy_slices, nifti=nifti,
+                        precision=precision, split=split, n_samples=samples, post=PostProcess(erode=erode, median=median, min_area=min_area),
                         batch_size=batch_size, seed=seed)
     with log_to(log_file, out or RunDir.resolve(run).output("anomaly")):
         summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force,

@@ -26,6 +26,7 @@ import pandas as pd
 from .config import RunConfig, load_config, replace
 from .errors import BrainVAEError
 from .io.atomic import atomic_write_bytes
+from .models.registry import lookup
 from .provenance import provenance
 from .rundir import RunDir
 
@@ -114,7 +115,10 @@ def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None =
     for c in configs:
         if not Path(c).exists():
             raise BrainVAEError(f"{c}: config file not found")
-        load_config(RunConfig, c)  # fail before any training on a bad config
+        arch = load_config(RunConfig, c).model["arch"]  # fail before any training on a bad config
+        if evaluate and not lookup(arch)[0].generative:
+            raise BrainVAEError(f"{c}: {arch} does not generate, and compare evaluates generated slices; "
+                                "train it with `brainvae train` and score it with `brainvae anomaly`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -20,6 +20,7 @@ superior (axial), posterior -> anterior (coronal), right -> left (sagittal).
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +265,18 @@ def output_grid(centre_lps: np.ndarray, axis: str, size: int, spacing: float, fi
     return ref
 
 
+def grid_geometry(ref: sitk.Image, first: int, transform: sitk.Transform) -> str:
+    """JSON of the output grid's slab (``ref``, whose slice 0 is grid slice ``first``) and the transform
+    (grid point -> scan point, SimpleITK's convention for ``Resample``); ``parse_geometry`` reads it back."""
+    affine = transform.GetName() == "AffineTransform"
+    return json.dumps({
+        "origin": list(ref.GetOrigin()), "direction": list(ref.GetDirection()), "spacing": list(ref.GetSpacing()),
+        "size": list(ref.GetSize()), "first": int(first),
+        "transform": {"type": "affine" if affine else "identity",
+                      "parameters": list(transform.GetParameters()) if affine else [],
+                      "fixed": list(transform.GetFixedParameters()) if affine else []}})
+
+
 def _brain_slice_range(points_lps: np.ndarray, centre_lps: np.ndarray, axis: str, size: int, spacing: float) -> tuple[int, int]:
     """Grid slice indices [first, last] that the brain points cover, clipped to the cube."""
     normal = np.array(_GRID_DIRECTIONS[axis][2], dtype=float)
@@ -367,6 +380,7 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
         centre = points.mean(axis=0)
     first, last = _brain_slice_range(points, centre, cfg.axis, cfg.size, spacing)
     ref = output_grid(centre, cfg.axis, cfg.size, spacing, first, last - first + 1)
+    stats["grid"] = grid_geometry(ref, first, transform)  # to put maps back on the scan (data.to_source)
 
     def resample(img: sitk.Image) -> np.ndarray:
         out = sitk.Resample(img, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)

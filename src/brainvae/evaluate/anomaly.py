@@ -44,7 +44,7 @@ from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
 from ..models.scoring import ScoreBatch
 from ..rundir import RunDir
-from .anomaly_metrics import evaluate_score, slice_scores
+from .anomaly_metrics import case_scores, dice_at, evaluate_score, label_free_threshold, slice_scores
 from .anomaly_scores import BRIGHTNESS, PostProcess, eroded_mask, postprocess, segment
 
 
@@ -53,12 +53,21 @@ from .anomaly_scores import BRIGHTNESS, PostProcess, eroded_mask, postprocess, s
 class AnomalyConfig:
     """What ``brainvae anomaly`` measures, and how (beyond the run, the store and the output folder)."""
 
-    baseline: Path | str | None = None  # a second run scored through the same pipeline (e.g. an ae)
+    baselines: tuple[Path | str, ...] = ()  # other runs scored through the same pipeline (e.g. an ae, a dae)
     val_cases: tuple[str, ...] | None = None  # validation cases; None: a seeded random val_fraction of them
     val_fraction: float = 0.3
-    primary: str = "residual"  # the model's score shown in the overlays
+    # The recommended score (``primary_score``, shown in the overlays and written as NIfTI): "auto", the score
+    # of the model or a baseline (or the ensemble) with the highest Dice on the validation cases; or one named:
+    # a model score ("residual"), a baseline's ("baseline/residual"), or "ensemble".
+    primary: str = "auto"
+    ensemble: int = 3  # the ensemble: mean rank-normalised maps of the k scores best on validation (0: off)
+    healthy: Path | str | None = None  # a store of healthy subjects: label-free thresholds and case-level detection
+    fpr: float = 0.01  # label-free threshold: this share of the healthy validation slices' brain pixels flagged
+    healthy_slices: int = 300  # at most this many evenly spaced slices of each healthy split are scored
+    nifti: bool = True  # write each case's primary score and mask as NIfTI on its source scan (maps/)
     split: str | None = None  # only this split of the store (None: all slices)
     n_samples: int = 8  # posterior samples of the reconstruction probability
+    precision: str = "auto"  # autocast while scoring: auto (bf16 where native, else fp32), fp32, bf16, fp16
     post: PostProcess = PostProcess()
     batch_size: int = 64
     overlay_slices: int = 4  # per test case: those with the largest lesions
@@ -66,7 +75,8 @@ class AnomalyConfig:
 
 
 class Source(NamedTuple):
-    """A scored run: "model" or "baseline", its folder and its loaded model."""
+    """A scored run: "model", or a baseline ("baseline"; with several, "baseline-<arch>"), its folder and its
+    loaded model."""
 
     name: str
     run: Path
@@ -101,8 +111,12 @@ class Scored:
     unavailable: dict[str, str] = field(default_factory=dict)  # "source/score" -> why the model cannot compute it
     slice_cols: dict[str, np.ndarray] = field(default_factory=dict)  # "source/score" -> (N,) slice scores
     notes: list[str] = field(default_factory=list)
-    recon: np.ndarray | None = None  # (N, H, W) the model's mean reconstructions
-    primary: np.ndarray | None = None  # (N, H, W) the model's post-processed primary score
+    sources: list[Source] = field(default_factory=list)
+    recons: dict[str, np.ndarray] = field(default_factory=dict)  # source -> (N, H, W) its mean reconstructions
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # "source/score" -> (N, H, W) post-processed map
+    term_scales: dict[str, dict] = field(default_factory=dict)  # source -> its additive scores' term scales
+    ensemble: "Ensemble | None" = None
+    primary: str | None = None  # "model/<score>": the recommended score
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -141,37 +155,48 @@ def split_cases(cases: list[str], val_cases: list[str] | None = None, val_fracti
 # -- scoring ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int = 8, batch_size: int = 64,
-                seed: int = 0, brain: np.ndarray | None = None, progress: bool = False,
-                desc: str = "score") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-    """Raw maps (N, H, W) float32 of the model's scores ``names`` for all slices of ``data``, plus ``"recon"``;
-    and the term scales of the additive scores (``Score.terms``: see ``add_terms``)."""
+                seed: int = 0, brain: np.ndarray | None = None, progress: bool = False, desc: str = "score",
+                rows: np.ndarray | None = None, scales: dict[str, dict[str, float]] | None = None,
+                precision: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Raw maps (N, H, W) float32 of the model's scores ``names`` for the slices ``rows`` of ``data`` (default:
+    all), plus ``"recon"``; and the term scales of the additive scores (``Score.terms``: see ``add_terms``;
+    ``scales`` given: those are used). ``precision``: autocast as in training (``auto``: bf16 where native)."""
+    from ..train.engine import autocast_dtype
+
     gen = torch.Generator(device=model.device).manual_seed(seed)
     use_cond = bool(model.config.conditions)
+    model = model.for_inference()  # BatchNorm folded: the same maps up to rounding, faster
     offered = model.scores()
+    dtype = autocast_dtype(precision, model.device)
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     recon, chunks = [], {n: [] for n in names}
-    starts = range(0, len(data), batch_size)
+    starts = range(0, len(rows), batch_size)
     for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
-        x, cond = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        x, cond = data.batch(rows[start:start + batch_size])
         batch = ScoreBatch(model, x, cond if use_cond else None, n_samples, gen)
-        recon.append(batch.x_hat[:, 0].cpu().numpy())
-        for n in names:
-            chunks[n].append(offered[n].compute(batch).float().cpu().numpy())  # (B, 1 or k terms, H, W)
-    out, scales = {"recon": np.concatenate(recon)}, {}
+        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+            recon.append(batch.x_hat[:, 0].cpu().numpy())
+            for n in names:
+                chunks[n].append(offered[n].compute(batch).float().cpu().numpy())  # (B, 1 or k terms, H, W)
+    out, used = {"recon": np.concatenate(recon)}, {}
     for n, parts in chunks.items():
         maps = np.concatenate(parts)
         if offered[n].terms:
-            out[n], scales[n] = add_terms(maps, offered[n].terms, brain)
+            out[n], used[n] = add_terms(maps, offered[n].terms, brain, (scales or {}).get(n))
         else:
             out[n] = maps[:, 0]
-    return out, scales
+    return out, used
 
 
-def add_terms(terms: np.ndarray, names: tuple[str, ...], brain: np.ndarray | None) -> tuple[np.ndarray, dict]:
+def add_terms(terms: np.ndarray, names: tuple[str, ...], brain: np.ndarray | None,
+              scales: dict[str, float] | None = None) -> tuple[np.ndarray, dict]:
     """An additive score from its terms (N, k, H, W): each divided by its 99th percentile over the in-brain
-    pixels of all slices (label-free, so no test label leaks), then added: (N, H, W), and name -> scale."""
+    pixels of all slices (label-free, so no test label leaks), or by the given ``scales``, then added:
+    (N, H, W), and name -> scale."""
     inside = brain if brain is not None else np.ones(terms[:, 0].shape, bool)
-    scales = {n: max(float(np.percentile(terms[:, i][inside], 99)), 1e-12) if inside.any() else 1.0
-              for i, n in enumerate(names)}
+    if scales is None:
+        scales = {n: max(float(np.percentile(terms[:, i][inside], 99)), 1e-12) if inside.any() else 1.0
+                  for i, n in enumerate(names)}
     return sum(terms[:, i] / s for i, s in enumerate(scales.values())), scales
 
 
@@ -191,9 +216,8 @@ def score_source(scored: Scored, src: Source, d: Slices, cfg: AnomalyConfig, pro
                             f"r^2 / (2 sigma^2) + const, a monotone function of the residual (same ranking)")
     raw, scales = score_model(model, SliceBatches(d.store, cfg.split, d.size, model.device), list(offered),
                               n_samples=cfg.n_samples, batch_size=cfg.batch_size, seed=cfg.seed, brain=d.brain,
-                              progress=progress, desc=f"score {src.name}")
-    if src.name == "model":
-        scored.recon = raw["recon"]
+                              progress=progress, desc=f"score {src.name}", precision=cfg.precision)
+    scored.recons[src.name], scored.term_scales[src.name] = raw["recon"], scales
     for n, score in offered.items():
         key = f"{src.name}/{n}"
         s, metrics = measure(raw.pop(n), d, cfg)
@@ -205,8 +229,7 @@ def score_source(scored: Scored, src: Source, d: Slices, cfg: AnomalyConfig, pro
             entry["term_scales"] = scales[n]
         scored.results[key] = entry
         scored.slice_cols[key] = slice_scores(s, d.brain)
-        if src.name == "model" and n == cfg.primary:
-            scored.primary = s
+        scored.maps[key] = s
 
 
 def score_brightness(scored: Scored, d: Slices, cfg: AnomalyConfig) -> None:
@@ -217,6 +240,122 @@ def score_brightness(scored: Scored, d: Slices, cfg: AnomalyConfig) -> None:
         scored.results[key] = {"source": "brightness", "run": None, "arch": None, "score": f"brightness_{n}",
                                "description": description, **metrics}
         scored.slice_cols[key] = slice_scores(s, d.brain)
+
+
+# -- the ensemble and the recommended score ---------------------------------------------------------
+@dataclass
+class Ensemble:
+    """Mean of the rank-normalised maps of ``members``: each map's values replaced by their quantile among the
+    scored slices' pixels inside the eroded brain (``reference``: sorted, label-free, at most 100k values)."""
+
+    members: list[str]
+    reference: dict[str, np.ndarray]
+
+    @classmethod
+    def fit(cls, members: list[str], maps: dict[str, np.ndarray], region: np.ndarray, n: int = 100_000):
+        reference = {}
+        for m in members:
+            ref = np.sort(maps[m][region])
+            reference[m] = ref[np.linspace(0, len(ref) - 1, min(n, len(ref))).astype(int)] if len(ref) else ref
+        return cls(members, reference)
+
+    def __call__(self, maps: dict[str, np.ndarray], region: np.ndarray) -> np.ndarray:
+        """(N, H, W) in [0, 1], 0 outside ``region``."""
+        ranks = [np.searchsorted(self.reference[m], maps[m], side="right") / max(len(self.reference[m]), 1)
+                 for m in self.members]
+        return np.where(region, np.mean(ranks, 0), 0.0).astype(np.float32)
+
+
+ENSEMBLE = "ensemble/rank_mean"  # the ensemble's key among the scores
+
+
+def add_ensemble(scored: Scored, d: Slices, cfg: AnomalyConfig) -> None:
+    """``ENSEMBLE``: the ``cfg.ensemble`` scores (of the model and the baselines) with the highest validation
+    Dice, combined."""
+    ranked = sorted(scored.maps, key=lambda k: -(scored.results[k]["val_dice"] or 0.0))
+    members = ranked[:cfg.ensemble]
+    if cfg.ensemble < 2 or len(members) < 2:
+        return
+    scored.ensemble = Ensemble.fit(members, scored.maps, d.region)
+    s = scored.ensemble(scored.maps, d.region)
+    metrics = evaluate_score(s, d.lesion, d.brain, d.cases, d.val, d.test, min_area=cfg.post.min_area,
+                             seed=cfg.seed)
+    scored.results[ENSEMBLE] = {
+        "source": "ensemble", "run": None, "arch": None, "score": "rank_mean", "members": members,
+        "description": f"mean of the rank-normalised maps of the {len(members)} scores with the highest "
+                       f"validation Dice: {', '.join(members)}", **metrics}
+    scored.slice_cols[ENSEMBLE] = slice_scores(s, d.brain)
+    scored.maps[ENSEMBLE] = s
+
+
+def choose_primary(scored: Scored, cfg: AnomalyConfig) -> str:
+    """The recommended score: the one named, or ("auto") the score of the model, a baseline or the ensemble
+    with the highest Dice on the validation cases (never a test case's number)."""
+    if cfg.primary != "auto":
+        key = {"ensemble": ENSEMBLE}.get(cfg.primary, cfg.primary if "/" in cfg.primary else f"model/{cfg.primary}")
+        if key not in scored.results:
+            raise BrainVAEError(f"--score {cfg.primary!r} was not computed; scores: {list(scored.results)}")
+        return key
+    keys = [k for k in scored.results if not k.startswith("brightness/")]
+    return max(keys, key=lambda k: scored.results[k]["val_dice"] or 0.0)
+
+
+# -- healthy slices: label-free thresholds and case-level detection ---------------------------------
+def require_healthy(store: SliceStore, cfg: AnomalyConfig) -> None:
+    """A healthy store has validation and test slices and no lesion masks; the FPR is a share."""
+    if not 0 < cfg.fpr < 1:
+        raise BrainVAEError(f"--fpr must be in (0, 1), got {cfg.fpr}")
+    if store.has_lesions:
+        raise BrainVAEError(f"{store.path} has lesion masks; --healthy takes a store of healthy subjects")
+    for split in ("val", "test"):
+        if len(store.indices(split)) == 0:
+            raise BrainVAEError(f"{store.path}: no {split!r} slices; --healthy needs the val split (label-free "
+                                "thresholds) and the test split (case-level detection)")
+
+
+def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool) -> dict:
+    """With a store of healthy subjects (``cfg.healthy``): for every score of the model and the baselines (and
+    the ensemble), the threshold that flags ``cfg.fpr`` of the brain pixels of the store's validation split (no
+    lesion mask involved) and its Dice on the test cases, and the AUROC of a volume score (``case_scores``)
+    telling the store's test subjects from the test cases."""
+    from sklearn.metrics import roc_auc_score
+
+    store = SliceStore(cfg.healthy)
+    maps, brains, subjects = {}, {}, {}
+    for split in ("val", "test"):
+        batches = SliceBatches(store, split, d.size, scored.sources[0].model.device)
+        pick = np.unique(np.linspace(0, len(batches) - 1, min(cfg.healthy_slices, len(batches))).astype(int))
+        rows = store.indices(split)[pick]
+        brains[split] = resize_masks(store.array("brain")[rows], d.size)
+        subjects[split] = store.manifest["subject"].iloc[rows].astype(str).to_numpy()
+        region = eroded_mask(brains[split], cfg.post.erode)
+        maps[split] = {}
+        for src in scored.sources:
+            names = [k.split("/", 1)[1] for k in scored.maps if k.startswith(f"{src.name}/")]
+            raw, _ = score_model(src.model, batches, names, n_samples=cfg.n_samples, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, brain=brains[split], progress=progress,
+                                 desc=f"score healthy {split} ({src.name})", rows=pick,
+                                 scales=scored.term_scales[src.name], precision=cfg.precision)
+            maps[split].update({f"{src.name}/{n}": postprocess(raw[n], region, cfg.post.median) for n in names})
+        if scored.ensemble is not None:
+            maps[split][ENSEMBLE] = scored.ensemble(maps[split], region)
+    test_set = set(d.test)
+    for key in scored.maps:
+        threshold = label_free_threshold(maps["val"][key], brains["val"], cfg.fpr)
+        label_free = dice_at(scored.maps[key], d.lesion, d.brain, d.cases, d.test, threshold,
+                             min_area=cfg.post.min_area)
+        healthy = case_scores(maps["test"][key], brains["test"], subjects["test"])
+        sick = {c: v for c, v in case_scores(scored.maps[key], d.brain, d.cases).items() if c in test_set}
+        y = np.r_[np.zeros(len(healthy)), np.ones(len(sick))]
+        auroc = float(roc_auc_score(y, [*healthy.values(), *sick.values()])) if len(set(y)) == 2 else None
+        scored.results[key]["label_free"] = {**label_free, "fpr_healthy_val": cfg.fpr}
+        scored.results[key]["case_detection"] = {
+            "auroc": None if auroc is None else round(auroc, 4), "healthy_test_subjects": len(healthy),
+            "test_cases": len(sick), "healthy_scores": healthy, "case_scores": sick}
+    return {"store": str(store.path), "fpr": cfg.fpr, "threshold_split": "val", "detection_split": "test",
+            "slices": {split: int(len(b)) for split, b in brains.items()},
+            "subjects": {split: int(len(set(s))) for split, s in subjects.items()},
+            "case_score": "mean of the top 1 % of the volume's in-brain post-processed pixel scores"}
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -271,14 +410,22 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
     if out.exists() and not force:
         raise OutputExistsError(out)
     rows, val, test, lesion = select_cases(store, cfg)
+    if cfg.primary == "ensemble" and cfg.ensemble < 2:
+        raise BrainVAEError("--score ensemble needs --ensemble >= 2 (the number of scores it combines)")
+    if cfg.healthy is not None:
+        require_healthy(SliceStore(cfg.healthy), cfg)
     sources = load_sources(run, cfg, device)
     model = sources[0].model
     d = load_slices(store, cfg, rows, val, test, lesion, model)
-    scored = Scored()
+    scored = Scored(sources=sources)
     for src in sources:
         score_source(scored, src, d, cfg, progress)
     score_brightness(scored, d, cfg)
+    add_ensemble(scored, d, cfg)
+    scored.primary = choose_primary(scored, cfg)
+    healthy = score_healthy(scored, d, cfg, progress) if cfg.healthy is not None else None
     summary = make_summary(run, model, d, scored, cfg)
+    summary["healthy"] = healthy
     summary["provenance"] = provenance(seed=cfg.seed, n_samples=cfg.n_samples, device=str(model.device))
     write_outputs(out, summary, d, scored, cfg, force)
     summary["out"] = str(out)
@@ -302,21 +449,24 @@ def select_cases(store: SliceStore, cfg: AnomalyConfig) -> tuple[np.ndarray, lis
 
 
 def load_sources(run: Path, cfg: AnomalyConfig, device) -> list[Source]:
-    """The run's model (which must offer the primary score) and the baseline's, of the same image size."""
+    """The run's model (which must offer the primary score) and the baselines', of the same image size."""
     from .. import generate as G
 
     model = G.load(run, device=device)
-    if cfg.primary not in model.scores():
+    if "/" not in cfg.primary and cfg.primary not in (*model.scores(), "auto", "ensemble"):
         raise BrainVAEError(f"--score {cfg.primary!r} is not available for this {model.arch} model; "
-                            f"choose from {list(model.scores())}")
+                            f"choose from {['auto', 'ensemble', *model.scores()]}")
     sources = [Source("model", run, model)]
-    if cfg.baseline is not None:
-        base = G.load(cfg.baseline, device=device)
+    for path in cfg.baselines:
+        base = G.load(path, device=device)
         size = model.config.image_size
         if base.config.image_size != size:
-            raise BrainVAEError(f"{cfg.baseline}: image size {base.config.image_size} differs from {run}'s {size}; "
+            raise BrainVAEError(f"{path}: image size {base.config.image_size} differs from {run}'s {size}; "
                                 "a baseline must score the same pixels")
-        sources.append(Source("baseline", Path(cfg.baseline), base))
+        name = "baseline" if len(cfg.baselines) == 1 else f"baseline-{base.arch}"
+        while name in {s.name for s in sources}:
+            name += "'"
+        sources.append(Source(name, Path(path), base))
     return sources
 
 
@@ -337,7 +487,7 @@ def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig
     """metrics.json: what was scored and how, and every score's results."""
     return {
         "run": str(run), "arch": model.arch, "store": str(d.store.path),
-        "baseline_run": str(cfg.baseline) if cfg.baseline else None,
+        "baseline_runs": {s.name: str(s.run) for s in scored.sources[1:]},
         "split": cfg.split or "all", "image_size": d.size, "n_slices": int(len(d.rows)),
         "cases": {"validation": d.val, "test": d.test},
         "validation_selection": ("given (--val-cases)" if cfg.val_cases else
@@ -354,7 +504,9 @@ def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig
             "slice_score": "mean of the top 1 % of in-brain post-processed scores; label = lesion pixels in the brain",
             "per_case_mean": "mean over test cases with a 95 % percentile bootstrap interval (2000 resamples)",
         },
-        "primary_score": f"model/{cfg.primary}",
+        "primary_score": scored.primary,
+        "primary_selection": ("highest Dice on the validation cases among the scores of the model, the baselines "
+                              "and their ensemble" if cfg.primary == "auto" else "given (--score)"),
         "scores": scored.results,
         "unavailable": scored.unavailable,
         "notes": scored.notes,
@@ -373,6 +525,50 @@ def write_outputs(out: Path, summary: dict, d: Slices, scored: Scored, cfg: Anom
         table = pd.concat([table, pd.DataFrame({k: np.round(v, 6) for k, v in scored.slice_cols.items()})], axis=1)
         table.to_csv(tmp / "slice_scores.csv", index=False)
         write_overlays(tmp, summary, d, scored, cfg)
+        if cfg.nifti:
+            summary["nifti"] = write_source_maps(tmp / "maps", summary, d, scored, cfg)
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_source_maps(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig) -> dict:
+    """Per case, the primary score and its thresholded map on the case's source scan: ``maps/<case>_score.nii.gz``
+    (post-processed score, float32) and ``maps/<case>_mask.nii.gz`` (uint8, the validation threshold), on the
+    scan's own grid (``data.to_source``), to open over the original in a viewer. Cases whose store predates the
+    recorded geometry, or whose source file is gone or changed, are listed with the reason instead."""
+    import nibabel as nib
+    from torch.nn import functional as F
+
+    from ..data.to_source import to_source
+    from ..io.download import file_sha256
+
+    subjects = d.store.subjects.set_index("subject")
+    primary = scored.maps[summary["primary_score"]]
+    threshold = summary["scores"][summary["primary_score"]]["threshold"]
+    binary = segment(primary, threshold, cfg.post.min_area) & d.brain
+    side = d.store.array("images").shape[-1]  # maps at the model's size -> the store's grid
+    if side != d.size:
+        primary = F.interpolate(torch.from_numpy(primary)[:, None], size=(side, side), mode="bilinear")[:, 0].numpy()
+        binary = F.interpolate(torch.from_numpy(binary.astype(np.float32))[:, None], size=(side, side),
+                               mode="nearest")[:, 0].numpy() > 0.5
+    written, skipped = [], {}
+    folder.mkdir()
+    for case in sorted(set(d.cases)):
+        row = subjects.loc[case] if case in subjects.index else None
+        if row is None or "grid" not in subjects.columns or not isinstance(row["grid"], str):
+            skipped[case] = "the store does not record its grid geometry (an older store): prepare it again"
+            continue
+        source = Path(row["source"])
+        if not source.exists() or file_sha256(source) != row["checksum"]:
+            skipped[case] = f"source scan {source} is missing or changed since prepare"
+            continue
+        idx = np.flatnonzero(d.cases == case)
+        slice_index = d.manifest["slice_index"].to_numpy()[idx]
+        nib.save(to_source(primary[idx], slice_index, row["grid"], source), folder / f"{_safe(case)}_score.nii.gz")
+        nib.save(to_source(binary[idx].astype(np.float32), slice_index, row["grid"], source, nearest=True),
+                 folder / f"{_safe(case)}_mask.nii.gz")
+        written.append(case)
+    return {"folder": "maps", "score": summary["primary_score"], "threshold": threshold, "cases": written,
+            "skipped": skipped, "grid": "each case's source scan (its shape, affine and axis order)"}
 
 
 def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig) -> None:
@@ -380,30 +576,38 @@ def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: 
     from ..report.html import png_bytes
 
     threshold = summary["scores"][summary["primary_score"]]["threshold"]
-    binary = segment(scored.primary, threshold, cfg.post.min_area) & d.brain
-    title = f"{summary['arch']} {cfg.primary}, threshold {threshold:.4g} from validation cases"
+    primary = scored.maps[summary["primary_score"]]
+    recon = scored.recons.get(summary["primary_score"].split("/")[0], scored.recons["model"])
+    binary = segment(primary, threshold, cfg.post.min_area) & d.brain
+    title = f"{summary['primary_score']}, threshold {threshold:.4g} from validation cases"
     for case in d.test:
         idx = np.flatnonzero(d.cases == case)
         area = (d.lesion[idx] & d.brain[idx]).reshape(len(idx), -1).sum(1)
         pick = np.sort(idx[np.argsort(-area, kind="stable")[:cfg.overlay_slices]])
-        fig = overlay_figure(case, d.images[pick], np.clip(scored.recon[pick], 0, 1), scored.primary[pick],
+        fig = overlay_figure(case, d.images[pick], np.clip(recon[pick], 0, 1), primary[pick],
                              binary[pick], d.lesion[pick], d.brain[pick], d.manifest["slice_index"].to_numpy()[pick],
                              title, d.store.config.axis)
         (folder / f"overlay_{_safe(case)}.png").write_bytes(png_bytes(fig, dpi=100))
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """A short text table of the headline numbers of every score."""
-    lines = [f"{'score':28s} {'AUROC':>6s} {'AUPRC':>6s} {'Dice':>6s} {'best':>6s} {'sliceAUC':>8s}  "
-             f"(Dice at the validation threshold; best = upper bound on test)"]
+    """A short text table of the headline numbers of every score (* = the recommended primary score)."""
+    lines = [f"{'score':30s} {'AUROC':>6s} {'AUPRC':>6s} {'Dice':>6s} {'valDice':>7s} {'best':>6s} {'sliceAUC':>8s} "
+             f"{'freeDice':>8s} {'caseAUC':>7s}",
+             "(Dice at the validation threshold; best = upper bound on test; freeDice = Dice at the label-free "
+             "threshold from healthy slices; caseAUC = healthy test subjects vs test cases)"]
 
-    def f(x):
-        return "   n/a" if x is None else f"{x:6.3f}"
+    def f(x, w=6):
+        return f"{'n/a':>{w}s}" if x is None else f"{x:{w}.3f}"
 
     for key, r in summary["scores"].items():
-        lines.append(f"{key:28s} {f(r['pixel_auroc'])} {f(r['pixel_auprc'])} {f(r['dice'])} "
-                     f"{f(r['best_dice_upper_bound'])} {f(r['slice_auroc']):>8s}")
+        mark = "*" if key == summary.get("primary_score") else " "
+        lines.append(f"{mark}{key:29s} {f(r['pixel_auroc'])} {f(r['pixel_auprc'])} {f(r['dice'])} "
+                     f"{f(r.get('val_dice'), 7)} {f(r['best_dice_upper_bound'])} {f(r['slice_auroc'], 8)} "
+                     f"{f((r.get('label_free') or {}).get('dice'), 8)} "
+                     f"{f((r.get('case_detection') or {}).get('auroc'), 7)}")
     first = next(iter(summary["scores"].values()), None)
     if first is not None:
-        lines.append(f"(trivial Dice of calling the whole brain abnormal: {f(first['dice_all_brain']).strip()})")
+        lines.append(f"(trivial Dice of calling the whole brain abnormal: {f(first['dice_all_brain']).strip()}; "
+                     f"* primary score: {summary.get('primary_selection')})")
     return lines

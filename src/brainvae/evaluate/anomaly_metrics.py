@@ -75,11 +75,6 @@ def best_dice(scores, labels) -> tuple[float, float]:
     return float(d[i]), float(thresholds[i])
 
 
-def validation_threshold(val_scores, val_labels) -> float:
-    """The threshold maximising pooled Dice on the VALIDATION pixels; sees nothing else."""
-    return best_dice(val_scores, val_labels)[1]
-
-
 def slice_scores(score: np.ndarray, brain: np.ndarray, top: float = 0.01) -> np.ndarray:
     """(N,) mean of the top ``top`` fraction of in-brain scores of each (H, W) slice (0 for empty brains)."""
     score, brain = np.asarray(score, np.float32), np.asarray(brain) > 0
@@ -132,7 +127,7 @@ def evaluate_score(score: np.ndarray, lesion: np.ndarray, brain: np.ndarray, cas
 
     # threshold from validation pixels only
     vb = brain[val]
-    threshold = validation_threshold(np.asarray(score)[val][vb], truth[val][vb])
+    val_dice, threshold = best_dice(np.asarray(score)[val][vb], truth[val][vb])
 
     s_test, b_test, t_test = np.asarray(score)[test], brain[test], truth[test]
     px_s, px_y = s_test[b_test], t_test[b_test]
@@ -163,6 +158,7 @@ def evaluate_score(score: np.ndarray, lesion: np.ndarray, brain: np.ndarray, cas
         "pixel_auroc": _r(pixel_auroc(px_s, px_y)),
         "pixel_auprc": _r(pixel_auprc(px_s, px_y)),
         "threshold": float(threshold),
+        "val_dice": _r(val_dice),  # the validation cases' Dice at their own threshold: what chooses a primary score
         "dice": _r(dice(pred, t_test)),
         "dice_before_component_removal": _r(dice(pred_raw, t_test)),
         "best_dice_upper_bound": _r(upper),
@@ -178,3 +174,41 @@ def evaluate_score(score: np.ndarray, lesion: np.ndarray, brain: np.ndarray, cas
         "val_pixels": int(vb.sum()),
         "val_lesion_pixels": int(truth[val][vb].sum()),
     }
+
+
+def label_free_threshold(healthy_scores: np.ndarray, healthy_brain: np.ndarray, fpr: float) -> float:
+    """The threshold that flags a share ``fpr`` of the in-brain pixels of healthy slices (N, H, W): their
+    (1 - fpr) quantile. No lesion mask is involved: what a deployment without annotations can use."""
+    values = np.asarray(healthy_scores)[np.asarray(healthy_brain) > 0]
+    if len(values) == 0:
+        raise ValueError("no healthy brain pixels to fix a label-free threshold on")
+    return float(np.quantile(values, 1 - fpr))
+
+
+def dice_at(score: np.ndarray, lesion: np.ndarray, brain: np.ndarray, cases: np.ndarray, test_cases,
+            threshold: float, *, min_area: int = 0, segment=None) -> dict:
+    """Dice of the test cases' slices at a threshold fixed elsewhere (e.g. on healthy slices), and the share of
+    their normal in-brain pixels it flags (its false-positive rate there)."""
+    if segment is None:
+        from .anomaly_scores import segment
+    test = np.isin(np.asarray(cases), list(test_cases))
+    brain = np.asarray(brain)[test] > 0
+    truth = (np.asarray(lesion)[test] > 0) & brain
+    pred = segment(np.asarray(score)[test], threshold, min_area) & brain
+    normal = brain & ~truth
+    return {"threshold": float(threshold), "dice": _r(dice(pred, truth)),
+            "fpr_normal_tissue": _r(float(pred[normal].mean()) if normal.any() else None),
+            "tpr_lesion": _r(float(pred[truth].mean()) if truth.any() else None)}
+
+
+def case_scores(score: np.ndarray, brain: np.ndarray, cases: np.ndarray, top: float = 0.01) -> dict[str, float]:
+    """Volume-level score of each case: the mean of the top ``top`` fraction of its in-brain pixel scores over
+    all its slices: case -> score."""
+    score, brain, cases = np.asarray(score), np.asarray(brain) > 0, np.asarray(cases)
+    out = {}
+    for c in dict.fromkeys(cases.tolist()):
+        values = score[cases == c][brain[cases == c]]
+        if len(values):
+            k = max(1, int(np.ceil(top * len(values))))
+            out[str(c)] = float(np.partition(values, len(values) - k)[-k:].mean())
+    return out

@@ -486,7 +486,11 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     if out.exists() and not force:
         raise OutputExistsError(out)
     check_splits(store, split, n)
-    model = G.load(run, device=device).configure_sampler(**(sampler or {}))  # e.g. ldm steps / guidance
+    model = G.load(run, device=device)
+    if not model.generative:
+        raise BrainVAEError(f"{run}: {model.arch} does not generate, and evaluate measures generated slices; "
+                            f"score it with `brainvae anomaly {run} --data STORE`")
+    model.configure_sampler(**(sampler or {}))  # e.g. ldm steps / guidance
     ext = Fe.TorchScriptExtractor(extractor) if extractor is not None else None
     size, conds = model.config.image_size, tuple(model.config.conditions)
     stages = ["load slices", "sample", "reconstruct", "realism", "c2st", "age effect", "memorisation", "write"]

@@ -175,6 +175,7 @@ class BrainModel(nn.Module):
 
     arch: str = ""  # set by @register
     stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
+    generative: bool = True  # False: a restoration model for anomaly scoring (dae): sample() raises BrainVAEError
     inference_copy: bool = False  # True on the frozen copies made by for_inference()
     stages: tuple[str, ...] = ("model",)  # training stages, in order (two-stage models: autoencoder, then prior)
     optional_stages: tuple[str, ...] = ()  # stages trained only when the run config gives ``[stages.NAME]``

@@ -176,14 +176,16 @@ class FlowPrior(nn.Module):
 
     # -- conditions ---------------------------------------------------------------------------------
     def cond_inputs(self, cond: dict[str, Tensor] | None, n: int, device: torch.device) -> Tensor | None:
-        """(n, 2k): standardised values with 0 where missing, then the missing bits (1 = hidden/unknown)."""
+        """(n, 2k): standardised values with 0 where missing, then the missing bits (1 = hidden/unknown: NaN,
+        or sex 0)."""
         if not self.keys:
             return None
         values, missing = [], []
         for key in self.keys:
             v = (cond or {}).get(key)
             v = torch.full((n,), float("nan"), device=device) if v is None else v.float().to(device).expand(n)
-            missing.append(torch.isnan(v).float())
+            unknown = torch.isnan(v) | (v == 0) if key == "sex" else torch.isnan(v)  # sex 0 = unknown
+            missing.append(unknown.float())
             values.append(Conditioning.standardise({key: v}, (key,))[:, 0])  # NaN -> 0
         return torch.cat([torch.stack(values, 1), torch.stack(missing, 1)], 1)
 
@@ -233,14 +235,21 @@ class FlowPrior(nn.Module):
     def sample(self, n: int, cond: dict[str, Tensor] | None, generator: torch.Generator | None, device: torch.device,
                steps: int | None = None, guidance: float | None = None, solver: str | None = None) -> Tensor:
         """n latents (n, C, s, s): integrate from noise at t = 1 to data at t = 0."""
+        z = randn((n, *self.latent_shape), generator, device)
+        return self.integrate(z, 1.0, self.cond_inputs(cond, n, device), steps, guidance, solver)
+
+    @torch.no_grad()
+    def integrate(self, z: Tensor, t_start: float, c: Tensor | None, steps: int | None = None,
+                  guidance: float | None = None, solver: str | None = None) -> Tensor:
+        """Integrate dz/dt = v from ``t_start`` (z: (B, C, s, s) on the path at that time) to data at t = 0 in
+        ``steps`` equal steps; ``c`` from ``cond_inputs``. Sampling starts at t = 1 (noise); restoring a latent
+        moved part-way towards noise starts at that t."""
         steps = steps or self.cfg.steps
         guidance = self.cfg.guidance if guidance is None else guidance
         solver = solver or self.cfg.solver
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        z = randn((n, *self.latent_shape), generator, device)
-        c = self.cond_inputs(cond, n, device)
-        ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        ts = torch.linspace(t_start, 0.0, steps + 1).tolist()
         for t, t_next in zip(ts, ts[1:]):
             v = self.guided_velocity(z, t, c, guidance)
             if solver == "heun":

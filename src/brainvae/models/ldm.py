@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from ..config import check, from_dict
 from ..errors import BrainVAEError
-from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output
+from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import FlowConfig, FlowPrior
 from .registry import register
 from .resvae import ResVAE, ResVAEConfig
+from .scoring import SMOOTH_SIGMA, Score, ScoreBatch, gaussian_blur
 
 # The autoencoder's defaults, where they differ from resvae's own (measured choices in benchmarks/README.md).
 AUTOENCODER_DEFAULTS = {"channels": (64, 128), "patch": 2, "enc_blocks": 1, "dec_blocks": 2, "latent_channels": 4,
@@ -117,9 +118,16 @@ class LDMConfig(BaseConfig):
     # Prior stage: train on each slice or, at random, its left-right mirror (``LatentBatches(flip=True)``):
     # twice the distinct latents for a prior that overfits 6,450 training slices; brains are near-symmetric.
     flip: bool = False
+    # Anomaly restoration (``LDM.restore``): each slice's latent moved to these path times t (0 = data, 1 = noise)
+    # and integrated back by the prior with Heun steps of at most ``restore_step``; scores average over the levels.
+    restore_levels: tuple[float, ...] = (0.3, 0.45, 0.6)
+    restore_step: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(len(self.restore_levels) >= 1 and all(0 < t <= 1 for t in self.restore_levels),
+              f"restore_levels must be path times in (0, 1], got {self.restore_levels}")
+        check(0 < self.restore_step <= 1, f"restore_step must be in (0, 1], got {self.restore_step}")
         fixed = sorted(set(self.autoencoder) & set(_FIXED))
         check(not fixed, f"[model.autoencoder] cannot set {fixed}: the ldm sets them")
         check(self.stats_batches >= 1, "stats_batches must be >= 1")
@@ -264,6 +272,41 @@ class LDM(BrainModel):
         z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options)
         x = self.decode(self._unstandardise(z))
         return zero_background(x, self.config.background) if self.config.background > 0 else x
+
+    # -- anomaly scores: restoration with the prior ------------------------------------------------------
+    @torch.no_grad()
+    def restore(self, x: Tensor, cond: Cond = None, t: float = 0.45, generator: torch.Generator | None = None,
+                ) -> Tensor:
+        """The healthy version of x (B, 1, H, W) the prior finds nearby: x's latent (posterior mean, standardised)
+        moved to path time t, z_t = (1 - t) z_0 + t eps, integrated back to t = 0 under x's conditions (those given;
+        unknown ones marginalised), decoded: (B, 1, H, W). The pDDPM / AnoDDPM idea (Behrendt et al. 2023;
+        Wyatt et al. 2022) in the latent: noise hides what is abnormal, the prior redraws it as healthy anatomy,
+        and what it keeps of x below the noise keeps the rest of the slice in place."""
+        z0 = self._standardise(self.autoencoder.encode(x).mode().float())
+        zt = (1 - t) * z0 + t * randn(z0.shape, generator, z0.device)
+        c = self.flow.cond_inputs(self.given_cond(len(x), cond), len(x), z0.device)
+        steps = max(1, int(np.ceil(t / self.config.restore_step - 1e-9)))
+        z = self.flow.integrate(zt, t, c, steps, guidance=1.0, solver="heun")
+        return self.decode(self._unstandardise(z)).float()
+
+    def restorations(self, b: ScoreBatch) -> Tensor:
+        """``restore`` at every ``restore_levels`` time, computed once per batch: (L, B, 1, H, W)."""
+        if "restorations" not in b.shared:
+            b.shared["restorations"] = torch.stack([self.restore(b.x, b.cond, t, b.generator)
+                                                    for t in self.config.restore_levels])
+        return b.shared["restorations"]
+
+    def scores(self) -> dict[str, Score]:
+        levels = ", ".join(f"{t:g}" for t in self.config.restore_levels)
+        return {**super().scores(),
+                "restoration": Score(lambda b: (b.x - b.model.restorations(b)).abs().mean(0),
+                                     f"|x - restoration| averaged over the prior's restorations from path times "
+                                     f"{levels} (pDDPM-style, in the latent)"),
+                "restoration_neg_smooth": Score(
+                    lambda b: torch.stack([gaussian_blur(r - b.x, SMOOTH_SIGMA) for r in b.model.restorations(b)])
+                    .clamp_min(0).mean(0),
+                    f"(G * (restoration - x))+ averaged over path times {levels}: darker than the prior's healthy "
+                    f"restoration, the signed residual smoothed (sigma {SMOOTH_SIGMA:g} px) first")}
 
     def sampler_settings(self) -> dict:
         cfg = self.flow.cfg

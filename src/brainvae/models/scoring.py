@@ -67,6 +67,7 @@ class ScoreBatch:
         self.cond = cond
         self.n_samples = n_samples
         self.generator = generator
+        self.shared: dict[str, Tensor] = {}  # what an architecture's own scores share (e.g. ldm's restorations)
 
     @cached_property
     def x_hat(self) -> Tensor:

@@ -126,7 +126,8 @@ def anomaly(an: dict) -> list[Headline]:
     primary = scores.get(an.get("primary_score"))
     if not primary:
         return []
-    refs = {k: s for k, s in scores.items() if s.get("source") in ("brightness", "baseline")}
+    refs = {k: s for k, s in scores.items()
+            if s.get("source") == "brightness" or str(s.get("source")).startswith("baseline")}
     out = []
     for key, what in (("pixel_auroc", "pixel AUROC"), ("dice", "Dice")):
         value = primary.get(key)

@@ -637,9 +637,10 @@ def _log_images(writer, model, ema, data: SliceBatches, step: int) -> None:
     x, cond = data.batch(np.arange(min(8, len(data))))
     ctx = ema.applied(model) if ema is not None else contextlib.nullcontext()
     with ctx:
-        recon = model.reconstruct(x, cond)
-        g = torch.Generator(device=model.device).manual_seed(0)
-        samples = model.sample(len(x), cond if model.config.conditions else None, g)
+        grids = {"val/real": x, "val/recon": model.reconstruct(x, cond)}
+        if model.generative:
+            g = torch.Generator(device=model.device).manual_seed(0)
+            grids["samples"] = model.sample(len(x), cond if model.config.conditions else None, g)
     model.train()
-    for tag, imgs in (("val/real", x), ("val/recon", recon), ("samples", samples)):
+    for tag, imgs in grids.items():
         writer.add_images(tag, imgs.float().clamp(0, 1).cpu(), step)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 14: anomaly localisation on the shared BraTS 2018 T1 cases (not a test). Serial on purpose (2 cores).
+# Every scorer of the shipped ldm (ixi-t1-128: reconstruction residuals, KL scores, restoration with the latent
+# prior), a denoising U-Net (dae) and a plain ae in ONE run: one table, the same 3 validation cases (seed 0)
+# choose every threshold and the recommended score; healthy IXI subjects give the label-free thresholds (val
+# split) and the negatives of case-level detection (test split). Results: benchmarks/results/anomaly/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/brainvae
+DATA=../shared/data
+
+[ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+[ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+
+# The models of healthy brains: a denoising U-Net (20 minutes) and the plain autoencoder baseline (6 minutes).
+[ -f runs/dae-20m/summary.json ] || $B train src/brainvae/configs/dae.toml --data datasets/ixi-t1-mni --out runs/dae-20m --budget 20m --quiet
+[ -f runs/ae-6m/summary.json ] || $B train src/brainvae/configs/ae.toml --data datasets/ixi-t1-mni --out runs/ae-6m --budget 6m --quiet
+
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/ae-6m \
+    --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet

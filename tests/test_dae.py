@@ -1,0 +1,66 @@
+"""The denoising U-Net (dae): coarse training noise, restoration of a lesion as healthy tissue, no sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainvae.errors import BrainVAEError
+from brainvae.models.dae import coarse_noise
+from brainvae.models.registry import build
+from brainvae.models.scoring import ScoreBatch
+
+
+def discs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Healthy 'brains': discs of random radius and brightness with a little texture, (n, 1, size, size)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    out = []
+    for _ in range(n):
+        r = g.uniform(0.6, 0.85)
+        out.append((xx ** 2 + yy ** 2 < r ** 2) * (g.uniform(0.5, 0.7) + 0.03 * g.standard_normal((size, size))))
+    return torch.tensor(np.clip(np.stack(out), 0, 1), dtype=torch.float32)[:, None]
+
+
+def test_coarse_noise_is_smooth_and_stays_inside_the_head():
+    x = discs(4, size=64)
+    noise = coarse_noise(x, 8, 0.2, torch.Generator().manual_seed(0))
+    assert noise.shape == x.shape and (noise[x == 0] == 0).all()
+    inside = noise[x > 0]
+    assert 0.05 < inside.std() < 0.4
+    # coarse: neighbouring pixels are nearly equal (white noise of the same std would differ by ~0.28)
+    step = (noise[..., 1:] - noise[..., :-1])[(x[..., 1:] > 0) & (x[..., :-1] > 0)]
+    assert step.abs().mean() < 0.05
+
+
+def test_a_trained_dae_redraws_a_lesion_as_healthy_tissue():
+    torch.manual_seed(0)
+    model = build("dae", {"image_size": 32, "channels": (16, 32), "noise_res": 4, "noise_std": 0.25}).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = discs(64)
+    for step in range(150):
+        x = data[torch.randint(len(data), (16,))]
+        loss = model(x).losses["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x = discs(2, seed=1)
+    lesion = torch.zeros_like(x, dtype=torch.bool)
+    lesion[0, :, 10:17, 12:19] = True  # dark
+    lesion[1, :, 16:22, 8:14] = True  # bright
+    x[0][lesion[0]] = 0.15
+    x[1][lesion[1]] = 0.95
+    batch = ScoreBatch(model, x)
+    brain = x > 0
+    for name, score in model.scores().items():
+        m = score.compute(batch)
+        signed = {"residual_pos": [1], "residual_neg": [0], "residual_neg_smooth": [0]}.get(name, [0, 1])
+        for b in signed:
+            healthy = brain[b] & ~lesion[b]
+            assert m[b][lesion[b]].mean() > 3 * m[b][healthy].mean(), (name, b)
+    with pytest.raises(BrainVAEError, match="does not generate"):
+        model.generate(2)
+    with pytest.raises(BrainVAEError, match="noise_res"):
+        build("dae", {"image_size": 32, "noise_res": 64})
