@@ -461,6 +461,33 @@ def test_train_output_overlapping_inputs_is_refused(tmp_path, trained):
     refused(tmp_path, train_argv(config, store, run), "run already exists; pass --force")
 
 
+IS, HOLDS, INSIDE = "the output is the input", "holds the input", "inside the input"
+OVERLAP_CASES = {  # case -> (argv from (store, run), the refusal): each output would delete or sit in an input
+    "reconstruct --out STORE": (lambda s, r: ["reconstruct", r, "--data", s, "--out", s, "--force"], IS),
+    "reconstruct --out RUN": (lambda s, r: ["reconstruct", r, "--data", s, "--out", r, "--force"], IS),
+    "interpolate --out PARENT": (lambda s, r: ["interpolate", r, 0, 1, "--data", s, "--out", r.parent, "--force"],
+                                 HOLDS),
+    "evaluate --out STORE": (lambda s, r: ["evaluate", r, "--data", s, "--out", s, "--force"], IS),
+    "evaluate --out inside STORE": (lambda s, r: ["evaluate", r, "--data", s, "--out", s / "eval"], INSIDE),
+    "anomaly --out STORE": (lambda s, r: ["anomaly", r, "--data", s, "--out", s, "--force"], IS),
+    "anomaly --out RUN": (lambda s, r: ["anomaly", r, "--data", s, "--out", r, "--force"], IS),
+    "utility --out RUN": (lambda s, r: ["utility", r, "--data", s, "--out", r, "--force"], IS),
+    "export --out RUN": (lambda s, r: ["export", r, "--out", r, "--force"], IS),
+    "describe --out DATA": (lambda s, r: ["data", "describe", s.parent / "ixi", "--out", s.parent / "ixi",
+                                          "--force"], IS),
+}
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_outputs_overlapping_inputs_are_refused(tmp_path, trained, case):
+    store, run, _ = copies(tmp_path, trained)
+    ixi(tmp_path)
+    argv, message = OVERLAP_CASES[case]
+    if case.startswith("anomaly"):  # a store with lesion masks, so the overlap is what is refused
+        shutil.copy(store / "brain.npy", store / "lesion.npy")
+    refused(tmp_path, argv(store, run), message)
+
+
 def test_resume_that_changes_the_run_is_refused(tmp_path, trained):
     store, run, config = copies(tmp_path, trained)
     refused(tmp_path, train_argv(config, store, run, "--resume", "--steps", "4"),

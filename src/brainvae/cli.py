@@ -53,6 +53,16 @@ def checked_store(run: Path, data: Path, resize: bool):
     return store
 
 
+def refuse_output_over(out: Path | None, run: Path | None = None, inputs: tuple = ()) -> None:
+    """Before anything is read or written: an ``--out`` may lie inside the run (its default outputs do) but may
+    not be, or hold, the run; it may not be, hold or lie inside an input (``--force`` would delete it)."""
+    if out is None:
+        return
+    if run is not None:
+        refuse_overlap(out, [RunDir.resolve(run).path], inside_ok=True)
+    refuse_overlap(out, list(inputs))
+
+
 def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -95,6 +105,7 @@ def data_describe(
     from .describe import describe_dataset
     from .io.scan import find_scans
 
+    refuse_output_over(out, inputs=(data, demographics, masks))
     inventory = find_scans(data, modality, demographics=demographics, masks=masks)
     path = describe_dataset(inventory, out, force=force, workers=workers, progress=not quiet)
     typer.echo(f"described {len(inventory.scans)} scans -> {path / 'index.html'}")
@@ -253,6 +264,7 @@ def export_cmd(
     """Package a run's best checkpoint as a self-contained model folder with a generated model card."""
     from .export import export_model
 
+    refuse_output_over(out, run)
     typer.echo(f"exported {run} -> {export_model(run, out, name=name, force=force)}")
 
 
@@ -413,6 +425,7 @@ def reconstruct_cmd(
     from . import generate as G
     from .train.engine import resolve_device
 
+    refuse_output_over(out, run, (data,))
     store = checked_store(run, data, resize)
     model = G.load(run, device=resolve_device(device))
     real, recon = G.reconstruct_split(model, store, split, n, seed)
@@ -438,6 +451,7 @@ def interpolate_cmd(
     from . import generate as G
     from .train.engine import resolve_device
 
+    refuse_output_over(out, run, (data,))
     store = checked_store(run, data, resize)
     model = G.load(run, device=resolve_device(device))
     strip = G.interpolate(model, store, a, b, steps)
@@ -471,6 +485,7 @@ def evaluate_cmd(
     from .progress import log_to
     from .train.engine import resolve_device
 
+    refuse_output_over(out, run, (data, extractor))
     out = out or RunDir.resolve(run).output("eval" if split == "test" else f"eval-{split}")
     store = checked_store(run, data, resize)
     if warning := RunDir.resolve(run).other_store_warning(store, split):
@@ -626,6 +641,7 @@ def anomaly_cmd(
     from .train.engine import resolve_device
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
+    refuse_output_over(out, run, (data, healthy, *(baseline or ())))
     checked_store(run, data, resize)
     if healthy is not None:
         checked_store(run, healthy, resize)
@@ -633,7 +649,8 @@ def anomaly_cmd(
     cases = tuple(c.strip() for c in val_cases.split(",") if c.strip()) if val_cases else None
     cfg = AnomalyConfig(baselines=tuple(baseline or ()), val_cases=cases, val_fraction=val_fraction, primary=score,
                         ensemble=ensemble, healthy=healthy, fpr=fpr, healthy_slices=healthy_slices, nifti=nifti,
-                        precision=precision, split=split, n_samples=samples, post=PostProcess(erode=erode, median=median, min_area=min_area),
+                        precision=precision, split=split, n_samples=samples,
+                        post=PostProcess(erode=erode, median=median, min_area=min_area),
                         batch_size=batch_size, seed=seed)
     with log_to(log_file, out or RunDir.resolve(run).output("anomaly")):
         summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force,
@@ -659,6 +676,7 @@ def utility_cmd(
     """Does synthetic data help? Sex and age-band classifiers on real, real+synthetic and synthetic slices."""
     from .evaluate.utility import UtilityConfig, format_table, parse_ratios, write_utility
 
+    refuse_output_over(out, run, (data,))
     cfg = UtilityConfig(ratios=parse_ratios(ratios), steps=steps, repeats=repeats, seed=seed)
     path, metrics = write_utility(run, data, out, cfg, device=device, force=force, progress=not quiet)
     typer.echo(format_table(metrics))
