@@ -390,3 +390,35 @@ def test_maps_on_the_grid_go_back_onto_the_source_scan(tmp_path, register):
     soft = to_source(prepared.slices, prepared.slice_index, prepared.stats["grid"], scan.image)
     inside = np.asarray(nib.load(scan.mask).dataobj) > 0
     assert soft.get_fdata()[inside].mean() > 5 * soft.get_fdata()[~inside].mean()
+
+
+def test_a_dataset_format_registered_outside_the_package(tmp_path, monkeypatch):
+    """CONTRIBUTING.md's "Adding a dataset format", done from a test: a toy layout (one folder per case with
+    ``anat.nii.gz``, ages and sexes in ``cases.json``) registered with ``register_layout``, then prepared."""
+    import json
+
+    from brainvae.io import scan as scan_module
+    from brainvae.io.scan import Inventory, register_layout
+
+    monkeypatch.setattr(scan_module, "LAYOUTS", list(scan_module.LAYOUTS))  # the registration stays in this test
+    root = tmp_path / "toy"
+    shape = (24, 24, 20)
+    cases = {f"case{i}": {"age": 30.0 + 10 * i, "sex": "MF"[i % 2]} for i in range(3)}
+    for i, case in enumerate(cases):
+        image, _ = head_phantom(shape, seed=i)
+        write_nifti(root / case / "anat.nii.gz", image, psr_affine(shape))
+    (root / "cases.json").write_text(json.dumps(cases))
+
+    def find(folder, modality, masks, lesions):
+        info = json.loads((folder / "cases.json").read_text())
+        return Inventory(folder, "toy", [Scan(c, folder / c / "anat.nii.gz", modality, "toy", age=v["age"],
+                                              sex=v["sex"]) for c, v in sorted(info.items())])
+
+    register_layout("toy", lambda folder: (folder / "cases.json").exists(), find)
+    with pytest.raises(ValueError, match="twice"):
+        register_layout("toy", lambda folder: False, find)
+    inventory = find_scans(root)
+    assert inventory.dataset == "toy" and [s.subject for s in inventory.scans] == list(cases)
+    out = prepare_dataset(inventory, tmp_path / "store", TINY, workers=1, progress=False)
+    subjects = SliceStore(out).subjects.set_index("subject")
+    assert subjects.loc["case2", "age"] == 50.0 and subjects.loc["case1", "sex"] == "F"

@@ -12,6 +12,7 @@ import hashlib
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -72,12 +73,8 @@ def find_scans(
     elif root.is_file():
         raise InputFileError(root, "expected a folder of NIfTI volumes or an IXI .tar archive")
 
-    if _bids_subjects(root):
-        inv = _find_bids(root, modality, masks, lesions)
-    elif _brats_cases(root):
-        inv = _find_brats(root, modality)
-    else:
-        inv = _find_ixi_or_nifti(root, modality, masks, lesions)
+    finder = next((find for _, recognise, find in LAYOUTS if recognise(root)), _find_ixi_or_nifti)
+    inv = finder(root, modality, masks, lesions)
     if not inv.scans:
         raise BrainVAEError(f"{root}: no {modality} NIfTI volumes found (.nii / .nii.gz, IXI names, BIDS "
                             f"sub-*/anat folders or BraTS case folders)")
@@ -248,3 +245,19 @@ def _extract_archive(tar_path: Path, cache_dir: Path | None) -> Path:
 
 def _first_existing(paths: list[Path]) -> Path | None:
     return next((p for p in paths if p.exists()), None)
+
+
+# Dataset layouts ``find_scans`` recognises, tried in order before the generic IXI / NIfTI-folder finder:
+# (name, recognise(root) -> truthy, find(root, modality, masks, lesions) -> Inventory). A new format registers
+# itself with ``register_layout`` (see CONTRIBUTING.md, "Adding a dataset format").
+LAYOUTS: list[tuple[str, Callable, Callable]] = [
+    ("bids", _bids_subjects, _find_bids),
+    ("brats", _brats_cases, lambda root, modality, masks, lesions: _find_brats(root, modality)),
+]
+
+
+def register_layout(name: str, recognise: Callable[[Path], object], find: Callable[..., Inventory]) -> None:
+    """Add a dataset layout, tried before the generic finder (and after the layouts registered before it)."""
+    if name in {n for n, _, _ in LAYOUTS}:
+        raise ValueError(f"dataset layout {name!r} registered twice")
+    LAYOUTS.append((name, recognise, find))
