@@ -312,3 +312,28 @@ def test_evaluation_sets_come_from_the_requested_split(tiny_store):
         assert set(store.manifest["split"].iloc[sets.eval_sel]) == {split}
         assert set(store.manifest["split"].iloc[sets.train_sel]) == {"train"}
         assert sets.real.shape == (len(sets.eval_sel), 16, 16) and sets.brain.dtype == bool
+
+
+def test_a_metric_registered_outside_the_package(tiny_store, tmp_path, monkeypatch):
+    """CONTRIBUTING.md's "Adding a metric", done from a test: a pure function of (samples, real, floor slices),
+    registered by name, computed by `evaluate` for the samples and for the real-vs-real floor."""
+    from brainvae.evaluate import run_eval
+
+    monkeypatch.setattr(run_eval, "METRICS", {})  # the registration stays in this test
+
+    def brightness_gap(samples, real, floor, seed):
+        def gap(a):
+            return float(abs(a[a > 0].mean() - real[real > 0].mean()))
+        return {"model": gap(samples), "floor": gap(floor), "n": len(samples)}
+
+    run_eval.register_metric("brightness_gap", brightness_gap)
+    with pytest.raises(ValueError, match="twice"):
+        run_eval.register_metric("brightness_gap", brightness_gap)
+    run = train_tiny(tmp_path, tiny_store)
+    metrics = evaluate_run(run, tiny_store, n=8, seed=0, progress=False, featnet_steps=2)
+    gap = metrics["brightness_gap"]
+    assert gap["n"] == 8 and gap["model"] >= 0 and 0 <= gap["floor"] < 0.1  # the real sets share their brightness
+    assert json.loads((run / "eval" / "metrics.json").read_text())["brightness_gap"] == gap
+    run_eval.register_metric("realism", brightness_gap)  # a name evaluate uses itself: refused, not overwritten
+    with pytest.raises(BrainVAEError, match="would replace"):
+        evaluate_run(run, tiny_store, n=8, seed=0, progress=False, featnet_steps=2, force=True)

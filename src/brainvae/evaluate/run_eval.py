@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,19 @@ FIG_COLUMNS = 8
 
 
 # ----------------------------------------------------------------------------- data
+
+
+# Metrics added by name (CONTRIBUTING.md, "Adding a metric"): name -> fn(samples, real, floor, seed) -> dict, the
+# arrays (n, H, W) float32 in [0, 1]: generated slices, the real evaluation slices, and real training slices (the
+# real-vs-real floor's reference). ``evaluate`` stores each result as metrics[name].
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, int], dict]] = {}
+
+
+def register_metric(name: str, fn: Callable[[np.ndarray, np.ndarray, np.ndarray, int], dict]) -> None:
+    """Add a metric that ``evaluate`` computes after its own (a name of its own, not one of its sections)."""
+    if name in METRICS:
+        raise ValueError(f"metric {name!r} registered twice")
+    METRICS[name] = fn
 
 
 @torch.no_grad()
@@ -532,6 +546,10 @@ def evaluate_run(run: str | Path, store: str | Path | SliceStore, out: str | Pat
     }
     if ext is not None:
         metrics["extractor"] = {"path": str(ext.path), "input": ext.input_note, "dim": real["extractor_dim"]}
+    for name, fn in METRICS.items():
+        if name in metrics:
+            raise BrainVAEError(f"registered metric {name!r} would replace evaluate's own section {name!r}")
+        metrics[name] = fn(samples, sets.real, sets.train, seed)
     conditional = conditional_section(model, store, n, seed, progress, predictor_steps, split)
     if conditional is not None:
         metrics["conditional"] = conditional
