@@ -12,9 +12,15 @@ DATA=../shared/data
 [ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
 [ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
 
-# The models of healthy brains: a denoising U-Net (20 minutes) and the plain autoencoder baseline (6 minutes).
+# The models of healthy brains: a denoising U-Net (20 minutes), a feature autoencoder (10 minutes, its in-domain
+# encoder then its feature autoencoder) and the plain autoencoder baseline (6 minutes).
 [ -f runs/dae-20m/summary.json ] || $B train src/brainvae/configs/dae.toml --data datasets/ixi-t1-mni --out runs/dae-20m --budget 20m --quiet
+[ -f runs/fae-10m/summary.json ] || $B train src/brainvae/configs/fae.toml --data datasets/ixi-t1-mni --out runs/fae-10m --budget 10m --quiet
 [ -f runs/ae-6m/summary.json ] || $B train src/brainvae/configs/ae.toml --data datasets/ixi-t1-mni --out runs/ae-6m --budget 6m --quiet
 
-$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/ae-6m \
+# The ldm's restoration levels, chosen on the validation cases only (the defaults in models/ldm.py come from here).
+.venv/bin/python benchmarks/bench_restoration.py --data datasets/brats-t1-mni --out benchmarks/results/anomaly/restoration_val.json \
+    --levels 0.2,0.3,0.4 0.3,0.45,0.6 0.5,0.6,0.7 0.6,0.7,0.8
+
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/fae-10m --baseline runs/ae-6m \
     --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet

@@ -107,7 +107,7 @@ def test_every_registered_architecture_gets_its_scores():
     for arch in registry.architectures():
         model = registry.build(arch, {"image_size": 32, **tiny.get(arch, {})}).eval()
         scores = model.scores()  # their shapes are checked for every architecture in test_models
-        deterministic = arch in ("ae", "vqvae", "dae")
+        deterministic = arch in ("ae", "vqvae", "dae", "fae")
         assert ("kl_combined" in scores) != deterministic, arch
         assert ("kl_additive" in model.unavailable_scores()) == deterministic, arch
         assert ("prior_nll" in scores) == (arch == "vqvae"), arch
@@ -115,6 +115,9 @@ def test_every_registered_architecture_gets_its_scores():
         if arch == "dae":  # no latent: the residuals, no reconstruction probability
             assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"}
             assert "no latent" in model.unavailable_scores()["recon_prob"]
+            continue
+        if arch == "fae":  # features, not pixels: its own score only
+            assert set(scores) == {"feature_ssim"} and set(model.unavailable_scores()) >= set(SC.RECONSTRUCTION_SCORES)
             continue
         assert set(SC.RECONSTRUCTION_SCORES) <= set(scores), arch
         if arch == "resvae":

@@ -112,7 +112,8 @@ class Scored:
     slice_cols: dict[str, np.ndarray] = field(default_factory=dict)  # "source/score" -> (N,) slice scores
     notes: list[str] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
-    recons: dict[str, np.ndarray] = field(default_factory=dict)  # source -> (N, H, W) its mean reconstructions
+    # source -> (N, H, W) its mean reconstructions; "source:restoration" -> its restorations (ldm)
+    recons: dict[str, np.ndarray] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # "source/score" -> (N, H, W) post-processed map
     term_scales: dict[str, dict] = field(default_factory=dict)  # source -> its additive scores' term scales
     ensemble: "Ensemble | None" = None
@@ -159,7 +160,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
                 rows: np.ndarray | None = None, scales: dict[str, dict[str, float]] | None = None,
                 precision: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Raw maps (N, H, W) float32 of the model's scores ``names`` for the slices ``rows`` of ``data`` (default:
-    all), plus ``"recon"``; and the term scales of the additive scores (``Score.terms``: see ``add_terms``;
+    all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the additive scores (``Score.terms``: see ``add_terms``;
     ``scales`` given: those are used). ``precision``: autocast as in training (``auto``: bf16 where native)."""
     from ..train.engine import autocast_dtype
 
@@ -169,7 +170,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
     offered = model.scores()
     dtype = autocast_dtype(precision, model.device)
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
-    recon, chunks = [], {n: [] for n in names}
+    recon, restored, chunks = [], [], {n: [] for n in names}
     starts = range(0, len(rows), batch_size)
     for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         x, cond = data.batch(rows[start:start + batch_size])
@@ -178,7 +179,11 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
             recon.append(batch.x_hat[:, 0].cpu().numpy())
             for n in names:
                 chunks[n].append(offered[n].compute(batch).float().cpu().numpy())  # (B, 1 or k terms, H, W)
+        if "restorations" in batch.shared:  # ldm: the healthy restorations its scores compared x with
+            restored.append(batch.shared["restorations"].float().mean(0)[:, 0].cpu().numpy())
     out, used = {"recon": np.concatenate(recon)}, {}
+    if restored:
+        out["restored"] = np.concatenate(restored)  # (N, H, W): mean over the restoration levels
     for n, parts in chunks.items():
         maps = np.concatenate(parts)
         if offered[n].terms:
@@ -218,6 +223,8 @@ def score_source(scored: Scored, src: Source, d: Slices, cfg: AnomalyConfig, pro
                               n_samples=cfg.n_samples, batch_size=cfg.batch_size, seed=cfg.seed, brain=d.brain,
                               progress=progress, desc=f"score {src.name}", precision=cfg.precision)
     scored.recons[src.name], scored.term_scales[src.name] = raw["recon"], scales
+    if "restored" in raw:
+        scored.recons[f"{src.name}:restoration"] = raw.pop("restored")
     for n, score in offered.items():
         key = f"{src.name}/{n}"
         s, metrics = measure(raw.pop(n), d, cfg)
@@ -261,8 +268,9 @@ class Ensemble:
 
     def __call__(self, maps: dict[str, np.ndarray], region: np.ndarray) -> np.ndarray:
         """(N, H, W) in [0, 1], 0 outside ``region``."""
-        ranks = [np.searchsorted(self.reference[m], maps[m], side="right") / max(len(self.reference[m]), 1)
-                 for m in self.members]
+        ranks = [(np.searchsorted(self.reference[m], maps[m], side="left")  # mid-ranks: ties (the many zeros
+                  + np.searchsorted(self.reference[m], maps[m], side="right")) / (2 * max(len(self.reference[m]), 1))
+                 for m in self.members]  # of a rectified score) share the middle of their range
         return np.where(region, np.mean(ranks, 0), 0.0).astype(np.float32)
 
 
@@ -355,12 +363,14 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool)
     return {"store": str(store.path), "fpr": cfg.fpr, "threshold_split": "val", "detection_split": "test",
             "slices": {split: int(len(b)) for split, b in brains.items()},
             "subjects": {split: int(len(set(s))) for split, s in subjects.items()},
-            "case_score": "mean of the top 1 % of the volume's in-brain post-processed pixel scores"}
+            "case_score": "mean of the top 1 % of the volume's in-brain post-processed pixel scores",
+            "caveat": "healthy subjects from another store differ from the cases in more than lesions (scanner, "
+                      "resolution, preprocessing): case-level AUROC also measures that difference"}
 
 
 # -- figures ----------------------------------------------------------------------------------------
 def overlay_figure(case: str, images, recon, score, binary, lesion, brain, slice_ids, title: str,
-                   axis: str | None = None):
+                   axis: str | None = None, recon_label: str = "reconstruction"):
     """Columns: slices; rows: input + truth, reconstruction, score (with its colour bar), thresholded map + truth.
     ``axis``: the store's slicing axis, for orientation letters on the first input panel."""
     from matplotlib.figure import Figure
@@ -372,7 +382,7 @@ def overlay_figure(case: str, images, recon, score, binary, lesion, brain, slice
     axes = fig.subplots(4, n, squeeze=False)
     vmax = float(np.percentile(score[brain > 0], 99.5)) if (brain > 0).any() else float(score.max() or 1)
     for j in range(n):
-        panels = [(images[j], "gray", 1.0, "input"), (recon[j], "gray", 1.0, "reconstruction"),
+        panels = [(images[j], "gray", 1.0, "input"), (recon[j], "gray", 1.0, recon_label),
                   (score[j], "inferno", vmax or 1.0, "score"), (binary[j].astype(float), "gray", 1.0, "thresholded")]
         for i, (img, cmap, vm, name) in enumerate(panels):
             ax = axes[i, j]
@@ -577,7 +587,12 @@ def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: 
 
     threshold = summary["scores"][summary["primary_score"]]["threshold"]
     primary = scored.maps[summary["primary_score"]]
-    recon = scored.recons.get(summary["primary_score"].split("/")[0], scored.recons["model"])
+    source, name = summary["primary_score"].split("/", 1)
+    if source == "ensemble":  # show the reconstructions of its best member's model
+        source, name = summary["scores"][summary["primary_score"]]["members"][0].split("/", 1)
+    label = "restoration" if name.startswith("restoration") and f"{source}:restoration" in scored.recons \
+        else "reconstruction"
+    recon = scored.recons.get(f"{source}:restoration" if label == "restoration" else source, scored.recons["model"])
     binary = segment(primary, threshold, cfg.post.min_area) & d.brain
     title = f"{summary['primary_score']}, threshold {threshold:.4g} from validation cases"
     for case in d.test:
@@ -586,7 +601,7 @@ def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: 
         pick = np.sort(idx[np.argsort(-area, kind="stable")[:cfg.overlay_slices]])
         fig = overlay_figure(case, d.images[pick], np.clip(recon[pick], 0, 1), primary[pick],
                              binary[pick], d.lesion[pick], d.brain[pick], d.manifest["slice_index"].to_numpy()[pick],
-                             title, d.store.config.axis)
+                             title, d.store.config.axis, label)
         (folder / f"overlay_{_safe(case)}.png").write_bytes(png_bytes(fig, dpi=100))
 
 

@@ -31,7 +31,7 @@ def register(name: str, config_cls: type) -> Callable[[type], type]:
 
 
 def _load_all() -> None:
-    from . import cevae, dae, ldm, resvae, vae, vqvae  # noqa: F401  (registration side effects)
+    from . import cevae, dae, fae, ldm, resvae, vae, vqvae  # noqa: F401  (registration side effects)
 
 
 def architectures() -> list[str]:
