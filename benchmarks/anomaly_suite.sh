@@ -15,6 +15,11 @@ DATA=../shared/data
 # The models of healthy brains: a denoising U-Net (20 minutes), a feature autoencoder (10 minutes, its in-domain
 # encoder then its feature autoencoder) and the plain autoencoder baseline (6 minutes).
 [ -f runs/dae-20m/summary.json ] || $B train src/brainvae/configs/dae.toml --data datasets/ixi-t1-mni --out runs/dae-20m --budget 20m --quiet
+# ... and 35 minutes more from its weights (a fresh cosine schedule at lr 5e-4): runs/dae-55m
+mkdir -p runs/cfg
+sed -e 's/^lr = 1e-3/lr = 5e-4/' src/brainvae/configs/dae.toml | sed -e '/^\[tune\]/,$d' > runs/cfg/dae-more.toml
+printf '[init]\nfrom = "runs/dae-20m"\n' >> runs/cfg/dae-more.toml
+[ -f runs/dae-55m/summary.json ] || $B train runs/cfg/dae-more.toml --data datasets/ixi-t1-mni --out runs/dae-55m --budget 35m --quiet
 [ -f runs/fae-10m/summary.json ] || $B train src/brainvae/configs/fae.toml --data datasets/ixi-t1-mni --out runs/fae-10m --budget 10m --quiet
 [ -f runs/ae-6m/summary.json ] || $B train src/brainvae/configs/ae.toml --data datasets/ixi-t1-mni --out runs/ae-6m --budget 6m --quiet
 
@@ -22,5 +27,5 @@ DATA=../shared/data
 .venv/bin/python benchmarks/bench_restoration.py --data datasets/brats-t1-mni --out benchmarks/results/anomaly/restoration_val.json \
     --levels 0.2,0.3,0.4 0.3,0.45,0.6 0.5,0.6,0.7 0.6,0.7,0.8
 
-$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/fae-10m --baseline runs/ae-6m \
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/dae-55m --baseline runs/fae-10m --baseline runs/ae-6m \
     --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet

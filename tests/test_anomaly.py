@@ -327,9 +327,12 @@ def test_anomaly_command_end_to_end(tmp_path):
 
     # the recommended score chosen on validation cases, an ensemble, label-free thresholds from a healthy store
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--healthy", store, "--fpr", 0.05, "--samples", 1,
-               "--val-fraction", 0.34, "--device", "cpu", "--out", tmp_path / "auto", "--quiet")
+               "--val-fraction", 0.34, "--device", "cpu", "--out", tmp_path / "auto", "--quiet",
+               "--baseline", run, "--baseline", run)  # several baselines: named by their folders
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert set(metrics["baseline_runs"]) == {"baseline-run", "baseline-run'"}
+    assert {"baseline-run/residual", "baseline-run'/residual"} <= set(metrics["scores"])
     model_keys = [k for k in metrics["scores"] if not k.startswith("brightness/")]
     best = max(model_keys, key=lambda k: metrics["scores"][k]["val_dice"])
     assert metrics["primary_score"] == best and "validation" in metrics["primary_selection"]
@@ -451,6 +454,6 @@ def test_ensemble_averages_rank_normalised_maps():
     region[:, 0] = False
     ens = Ensemble.fit(["a", "b"], maps, region)  # (keys "source/score" in a run)
     out = ens(maps, region)
-    assert (out[~region] == 0).all() and out.max() == pytest.approx(1.0)
+    assert (out[~region] == 0).all() and out.max() == pytest.approx(1 - 0.5 / region.sum())  # mid-rank of the top
     ranks = np.argsort(np.argsort(a[region]))
     assert np.array_equal(np.argsort(np.argsort(out[region])), ranks)  # rank order kept

@@ -473,6 +473,7 @@ OVERLAP_CASES = {  # case -> (argv from (store, run), the refusal): each output 
     "anomaly --out RUN": (lambda s, r: ["anomaly", r, "--data", s, "--out", r, "--force"], IS),
     "utility --out RUN": (lambda s, r: ["utility", r, "--data", s, "--out", r, "--force"], IS),
     "export --out RUN": (lambda s, r: ["export", r, "--out", r, "--force"], IS),
+    "quiz make --out STORE": (lambda s, r: ["quiz", "make", r, "--data", s, "--out", s, "--force"], IS),
     "describe --out DATA": (lambda s, r: ["data", "describe", s.parent / "ixi", "--out", s.parent / "ixi",
                                           "--force"], IS),
 }

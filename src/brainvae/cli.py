@@ -553,9 +553,8 @@ def quiz_make(
     from .report.quiz import make_quiz
     from .train.engine import resolve_device
 
+    refuse_output_over(out, run, (data,))
     checked_store(run, data, resize)
-    if healthy is not None:
-        checked_store(run, healthy, resize)
     path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
     typer.echo(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
                f"the key is {path / 'key.csv'})")

@@ -75,8 +75,8 @@ class AnomalyConfig:
 
 
 class Source(NamedTuple):
-    """A scored run: "model", or a baseline ("baseline"; with several, "baseline-<arch>"), its folder and its
-    loaded model."""
+    """A scored run: "model", or a baseline ("baseline"; with several, "baseline-<run folder name>"), its folder
+    and its loaded model."""
 
     name: str
     run: Path
@@ -473,8 +473,8 @@ def load_sources(run: Path, cfg: AnomalyConfig, device) -> list[Source]:
         if base.config.image_size != size:
             raise BrainVAEError(f"{path}: image size {base.config.image_size} differs from {run}'s {size}; "
                                 "a baseline must score the same pixels")
-        name = "baseline" if len(cfg.baselines) == 1 else f"baseline-{base.arch}"
-        while name in {s.name for s in sources}:
+        name = "baseline" if len(cfg.baselines) == 1 else f"baseline-{Path(path).name}"
+        while name in {s.name for s in sources}:  # two run folders of one name
             name += "'"
         sources.append(Source(name, Path(path), base))
     return sources
