@@ -29,3 +29,8 @@ printf '[init]\nfrom = "runs/dae-20m"\n' >> runs/cfg/dae-more.toml
 
 $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/dae-55m --baseline runs/fae-10m --baseline runs/ae-6m \
     --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet
+
+# The same dae on BraTS smoothed to IXI's 2 mm resolution before resampling.
+[ -d datasets/brats-t1-mni-res2 ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni-res2 --register --positions 0.2 0.9 --min-brain 0.1 --resolution-mm 2
+$B anomaly runs/dae-20m --data datasets/brats-t1-mni-res2 --baseline runs/ae-6m --healthy datasets/ixi-t1-mni \
+    --out runs/anomaly-brats-res2 --force --quiet
