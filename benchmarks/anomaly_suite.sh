@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
 # Issue 14: anomaly localisation on the shared BraTS 2018 T1 cases (not a test). Serial on purpose (2 cores).
 # Every scorer of the shipped ldm (ixi-t1-128: reconstruction residuals, KL scores, restoration with the latent
-# prior), a denoising U-Net (dae) and a plain ae in ONE run: one table, the same 3 validation cases (seed 0)
+# prior), a denoising U-Net (dae), a feature autoencoder (fae) and a plain ae in ONE run: one table, the same 3 validation cases (seed 0)
 # choose every threshold and the recommended score; healthy IXI subjects give the label-free thresholds (val
 # split) and the negatives of case-level detection (test split). Results: benchmarks/results/anomaly/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=.venv/bin/brainvae
-DATA=../shared/data
-
-[ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
-[ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+. benchmarks/stores.sh  # $B, $DATA and the stores
 
 # The models of healthy brains: a denoising U-Net (20 minutes), a feature autoencoder (10 minutes, its in-domain
 # encoder then its feature autoencoder) and the plain autoencoder baseline (6 minutes).
@@ -31,6 +27,5 @@ $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --bas
     --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet
 
 # The same dae on BraTS smoothed to IXI's 2 mm resolution before resampling.
-[ -d datasets/brats-t1-mni-res2 ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni-res2 --register --positions 0.2 0.9 --min-brain 0.1 --resolution-mm 2
 $B anomaly runs/dae-20m --data datasets/brats-t1-mni-res2 --baseline runs/ae-6m --healthy datasets/ixi-t1-mni \
     --out runs/anomaly-brats-res2 --force --quiet

@@ -4,12 +4,7 @@
 # Results are copied into benchmarks/results/{compare-mni,anomaly-brats,utility-cvae}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-B=.venv/bin/brainvae
-DATA=../shared/data
-
-# Stores: healthy IXI T1 and BraTS 2018 T1 on the same MNI-aligned 128 px, 1.5 mm grid.
-[ -d datasets/ixi-t1-mni ] || $B data prepare $DATA/ixi-t1-2mm --out datasets/ixi-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
-[ -d datasets/brats-t1-mni ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni --register --positions 0.2 0.9 --min-brain 0.1
+. benchmarks/stores.sh  # $B, $DATA and the stores
 
 # Issue 5: every registered architecture, same seed, 6 minutes each, then evaluate (n = 1000).
 $B compare vae ae cevae cvae resvae vqvae \
@@ -24,7 +19,6 @@ for arch in vae cevae cvae resvae vqvae; do
 done
 
 # BraTS smoothed to IXI's 2 mm resolution first; synthetic anomalies in the healthy test split.
-[ -d datasets/brats-t1-mni-res2 ] || $B data prepare $DATA/brats2018 --modality t1 --out datasets/brats-t1-mni-res2 --register --positions 0.2 0.9 --min-brain 0.1 --resolution-mm 2
 $B anomaly runs/compare-mni/cevae-s0 --data datasets/brats-t1-mni-res2 --baseline runs/compare-mni/ae-s0 \
     --score residual_neg_smooth --out runs/compare-mni/cevae-s0/anomaly-res2 --quiet --force
 [ -d datasets/ixi-t1-mni-anomalies ] || $B data anomalies datasets/ixi-t1-mni --out datasets/ixi-t1-mni-anomalies --split test

@@ -38,7 +38,7 @@ import torch
 from ..progress import bar as progress_bar
 
 from ..data.dataset import SliceBatches
-from ..data.resize import resize_masks
+from ..data.resize import resize_images, resize_masks
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
 from ..io.atomic import atomic_dir
@@ -160,8 +160,8 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
                 rows: np.ndarray | None = None, scales: dict[str, dict[str, float]] | None = None,
                 precision: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Raw maps (N, H, W) float32 of the model's scores ``names`` for the slices ``rows`` of ``data`` (default:
-    all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the additive scores (``Score.terms``: see ``add_terms``;
-    ``scales`` given: those are used). ``precision``: autocast as in training (``auto``: bf16 where native)."""
+    all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the
+    additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast as in training (``auto``: bf16 where native)."""
     from ..train.engine import autocast_dtype
 
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -525,41 +525,36 @@ def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig
 
 
 def write_outputs(out: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig, force: bool) -> None:
-    """metrics.json, slice_scores.csv and one overlay figure per test case, written atomically to ``out``."""
+    """metrics.json, slice_scores.csv, one overlay figure per test case and (``cfg.nifti``) the primary score's
+    NIfTI maps, written atomically to ``out``."""
+    primary = scored.maps[summary["primary_score"]]  # (N, H, W) post-processed; and thresholded:
+    binary = segment(primary, summary["scores"][summary["primary_score"]]["threshold"], cfg.post.min_area) & d.brain
     with atomic_dir(out, force=force) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
         table = d.manifest[["subject", "slice_index"]].copy()
         table.insert(0, "store_row", d.rows)
         table["role"] = np.where(np.isin(d.cases, d.val), "validation", "test")
         table["lesion_pixels"] = (d.lesion & d.brain).reshape(len(d.rows), -1).sum(1)
         table = pd.concat([table, pd.DataFrame({k: np.round(v, 6) for k, v in scored.slice_cols.items()})], axis=1)
         table.to_csv(tmp / "slice_scores.csv", index=False)
-        write_overlays(tmp, summary, d, scored, cfg)
+        write_overlays(tmp, summary, d, scored, cfg, binary)
         if cfg.nifti:
-            summary["nifti"] = write_source_maps(tmp / "maps", summary, d, scored, cfg)
-            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+            summary["nifti"] = write_source_maps(tmp / "maps", summary, d, primary, binary)
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
-def write_source_maps(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig) -> dict:
-    """Per case, the primary score and its thresholded map on the case's source scan: ``maps/<case>_score.nii.gz``
+def write_source_maps(folder: Path, summary: dict, d: Slices, primary: np.ndarray, binary: np.ndarray) -> dict:
+    """Per case, the primary score (N, H, W) and its thresholded map ``binary`` on the case's source scan: ``maps/<case>_score.nii.gz``
     (post-processed score, float32) and ``maps/<case>_mask.nii.gz`` (uint8, the validation threshold), on the
     scan's own grid (``data.to_source``), to open over the original in a viewer. Cases whose store predates the
     recorded geometry, or whose source file is gone or changed, are listed with the reason instead."""
     import nibabel as nib
-    from torch.nn import functional as F
 
     from ..data.to_source import to_source
     from ..io.download import file_sha256
 
     subjects = d.store.subjects.set_index("subject")
-    primary = scored.maps[summary["primary_score"]]
-    threshold = summary["scores"][summary["primary_score"]]["threshold"]
-    binary = segment(primary, threshold, cfg.post.min_area) & d.brain
     side = d.store.array("images").shape[-1]  # maps at the model's size -> the store's grid
-    if side != d.size:
-        primary = F.interpolate(torch.from_numpy(primary)[:, None], size=(side, side), mode="bilinear")[:, 0].numpy()
-        binary = F.interpolate(torch.from_numpy(binary.astype(np.float32))[:, None], size=(side, side),
-                               mode="nearest")[:, 0].numpy() > 0.5
+    primary, binary = resize_images(primary, side)[:, 0].numpy(), resize_masks(binary, side)
     written, skipped = [], {}
     folder.mkdir()
     for case in sorted(set(d.cases)):
@@ -577,11 +572,13 @@ def write_source_maps(folder: Path, summary: dict, d: Slices, scored: Scored, cf
         nib.save(to_source(binary[idx].astype(np.float32), slice_index, row["grid"], source, nearest=True),
                  folder / f"{_safe(case)}_mask.nii.gz")
         written.append(case)
-    return {"folder": "maps", "score": summary["primary_score"], "threshold": threshold, "cases": written,
+    return {"folder": "maps", "score": summary["primary_score"],
+            "threshold": summary["scores"][summary["primary_score"]]["threshold"], "cases": written,
             "skipped": skipped, "grid": "each case's source scan (its shape, affine and axis order)"}
 
 
-def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig) -> None:
+def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: AnomalyConfig,
+                   binary: np.ndarray) -> None:
     """``overlay_<case>.png`` per test case: its ``overlay_slices`` slices with the largest lesions."""
     from ..report.html import png_bytes
 
@@ -593,7 +590,6 @@ def write_overlays(folder: Path, summary: dict, d: Slices, scored: Scored, cfg: 
     label = "restoration" if name.startswith("restoration") and f"{source}:restoration" in scored.recons \
         else "reconstruction"
     recon = scored.recons.get(f"{source}:restoration" if label == "restoration" else source, scored.recons["model"])
-    binary = segment(primary, threshold, cfg.post.min_area) & d.brain
     title = f"{summary['primary_score']}, threshold {threshold:.4g} from validation cases"
     for case in d.test:
         idx = np.flatnonzero(d.cases == case)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..conditions import CONDITIONS, NEUTRAL, check_conditions
 from ..config import check
+from ..errors import BrainVAEError
 from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score
 
 Cond = dict[str, Tensor] | None
@@ -175,7 +176,7 @@ class BrainModel(nn.Module):
 
     arch: str = ""  # set by @register
     stochastic: bool = True  # False: encode() gives a point code (its posterior spread is unused)
-    generative: bool = True  # False: a restoration model for anomaly scoring (dae): sample() raises BrainVAEError
+    generative: bool = True  # False: a model that only localises anomalies (dae, fae): generate() refuses it
     inference_copy: bool = False  # True on the frozen copies made by for_inference()
     stages: tuple[str, ...] = ("model",)  # training stages, in order (two-stage models: autoencoder, then prior)
     optional_stages: tuple[str, ...] = ()  # stages trained only when the run config gives ``[stages.NAME]``
@@ -228,6 +229,9 @@ class BrainModel(nn.Module):
         """n samples (n, 1, H, W) in [0, 1]: ``sample`` after checking ``cond`` (``conditions.check_conditions``:
         sex "M" / "F" or +1 / -1 / 0, age 0..120 years, position 0..1, scalars or (n,) values, no key the model
         is not conditioned on) and the sampling ``options`` (``check_sample_options``)."""
+        if not self.generative:
+            raise BrainVAEError(f"{self.arch} does not generate: it localises anomalies (`brainvae anomaly`); "
+                                "use ldm, resvae or cvae to generate slices")
         cond = check_conditions(cond, tuple(self.config.conditions), self.arch)
         return self.sample(n, cond, generator, **self.check_sample_options(options))
 
@@ -288,7 +292,6 @@ class BrainModel(nn.Module):
 
     def check_sample_options(self, options: dict | None) -> dict:
         """The given sampling options without None values; unknown ones are a BrainVAEError."""
-        from ..errors import BrainVAEError
 
         options = {k: v for k, v in (options or {}).items() if v is not None}
         unknown = sorted(set(options) - set(self.sample_options))

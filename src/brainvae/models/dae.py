@@ -125,10 +125,6 @@ class DAE(BrainModel):
     def decode(self, z: Tensor, cond: Cond = None) -> Tensor:
         raise BrainVAEError("dae has no latent: it maps a slice to its denoised version (reconstruct)")
 
-    def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
-        raise BrainVAEError("dae does not generate: it is a denoising model for anomaly localisation "
-                            "(`brainvae anomaly`); use ldm, resvae or cvae to generate slices")
-
     def scores(self) -> dict[str, Score]:
         return {n: s for n, s in RECONSTRUCTION_SCORES.items() if n != "recon_prob"}
 

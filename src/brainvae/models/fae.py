@@ -223,10 +223,6 @@ class FAE(BrainModel):
     def decode(self, z: Tensor, cond: Cond = None) -> Tensor:
         raise BrainVAEError("fae has no pixel latent: it reconstructs an encoder's features (see feature_score)")
 
-    def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None) -> Tensor:
-        raise BrainVAEError("fae does not generate: it is a feature autoencoder for anomaly localisation "
-                            "(`brainvae anomaly`); use ldm, resvae or cvae to generate slices")
-
     def scores(self) -> dict[str, Score]:
         return {"feature_ssim": Score(lambda b: b.model.feature_score(b.x),
                                       "1 - SSIM between the in-domain encoder's multi-scale features and their "
