@@ -1,13 +1,15 @@
 """Quality and speed of a learned-prior model (ldm) against its sampler settings. Not a test.
 
-For each (solver, steps, guidance) setting: n samples at the conditions of n
-real test slices (as ``brainvae evaluate`` draws them), their Fréchet distance
+For each (guide, guidance, solver, steps) setting: n samples at the conditions of n
+real slices of the split (as ``brainvae evaluate`` draws them), their Fréchet distance
 in the store's feature net and in PCA-64 (each as a ratio to the real-train vs
-real-test floor of the same n), the classifier two-sample test accuracy against
-the real test slices (floor: real train vs real test), and sampling speed
+real-split floor of the same n), the classifier two-sample test accuracy against
+the real slices (floor: real train vs real split), and sampling speed
 (slices/s through ``brainvae.generate.sample_images``, bf16 where native).
+Choose settings on ``--split val``; measure the chosen ones on test.
 
-    python benchmarks/bench_sampler.py runs/ldm --data datasets/ixi-t1-mni --steps 2 4 8 16 [--guidance 1 2] [--n 1000]
+    python benchmarks/bench_sampler.py runs/ldm --data datasets/ixi-t1-mni --steps 2 4 8 16 [--guidance 1 2] \
+        [--guides unconditional weak] [--split val] [--n 1000]
 
 Writes benchmarks/results/sampler_<run name>.json (or --out) and prints a table.
 """
@@ -39,7 +41,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--solvers", nargs="+", default=["heun", "euler"])
-    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="default: the model's")
+    ap.add_argument("--guides", nargs="+", default=[None], help="unconditional and/or weak (default: the model's)")
+    ap.add_argument("--split", default="test", choices=["val", "test"])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
@@ -49,7 +53,7 @@ def main() -> None:
     model = G.load(args.run, which="best")
     size = model.config.image_size
     rng = np.random.default_rng(args.seed)
-    test_rows, train_rows = store.indices("test"), store.indices("train")
+    test_rows, train_rows = store.indices(args.split), store.indices("train")
     m = min(args.n, len(test_rows), len(train_rows))
     test_sel = np.sort(rng.choice(test_rows, m, replace=False))
     train_sel = np.sort(rng.choice(train_rows, m, replace=False))
@@ -67,26 +71,29 @@ def main() -> None:
     print(f"floor: {floor}")
 
     rows = []
-    for guidance in args.guidance:
-        for solver in args.solvers:
-            for steps in args.steps:
-                sampler = {"steps": steps, "solver": solver, "guidance": guidance}
-                G.sample_images(model, 64, cond and {k: v[:64] for k, v in cond.items()}, args.seed, sampler=sampler)
-                t = time.perf_counter()
-                samples = G.sample_images(model, m, cond, args.seed, sampler=sampler)
-                speed = m / (time.perf_counter() - t)
-                fd = R.frechet_distance(f_real, Fe.featnet_features(net, samples)[0])
-                fd_pca = R.frechet_distance(p_real, Fe.pca_features(pca, samples))
-                acc = c2st(samples, real, seed=args.seed, groups_b=subject[test_sel])["accuracy"]
-                nfe = steps * (2 if solver == "heun" else 1) * (2 if guidance not in (0.0, 1.0) else 1)
-                row = {**sampler, "network_passes": nfe, "slices_per_s": round(speed, 1),
-                       "fd_featnet_ratio": fd / floor["fd_featnet"], "fd_pca64_ratio": fd_pca / floor["fd_pca64"],
-                       "c2st_acc": acc}
-                rows.append(row)
-                print(json.dumps(row))
+    settings = [(g, w, solver, steps) for g in args.guides for w in args.guidance for solver in args.solvers
+                for steps in args.steps]
+    for guide, guidance, solver, steps in settings:
+        sampler = {"steps": steps, "solver": solver, "guidance": guidance, "guide": guide}
+        G.sample_images(model, 64, cond and {k: v[:64] for k, v in cond.items()}, args.seed, sampler=sampler)
+        t = time.perf_counter()
+        samples = G.sample_images(model, m, cond, args.seed, sampler=sampler)
+        speed = m / (time.perf_counter() - t)
+        fd = R.frechet_distance(f_real, Fe.featnet_features(net, samples)[0])
+        fd_pca = R.frechet_distance(p_real, Fe.pca_features(pca, samples))
+        acc = c2st(samples, real, seed=args.seed, groups_b=subject[test_sel])["accuracy"]
+        defaults = model.sampler_settings()
+        guide, guidance = guide or defaults.get("guide"), defaults.get("guidance") if guidance is None else guidance
+        passes = steps * (2 if solver == "heun" else 1)  # velocity evaluations; guidance != 0, 1 doubles them
+        row = {**sampler, "guide": guide, "guidance": guidance,
+               "network_passes": passes * (2 if guidance not in (0.0, 1.0) else 1),
+               "slices_per_s": round(speed, 1), "fd_featnet_ratio": fd / floor["fd_featnet"],
+               "fd_pca64_ratio": fd_pca / floor["fd_pca64"], "c2st_acc": acc}
+        rows.append(row)
+        print(json.dumps(row))
     out = args.out or ROOT / "benchmarks" / "results" / f"sampler_{args.run.name}.json"
-    out.write_text(json.dumps({"run": str(args.run), "store": str(args.data), "n": m, "floor": floor, "rows": rows,
-                               "provenance": provenance()}, indent=1))
+    out.write_text(json.dumps({"run": str(args.run), "store": str(args.data), "split": args.split, "n": m,
+                               "floor": floor, "rows": rows, "provenance": provenance()}, indent=1))
     print(f"-> {out}")
 
 

@@ -51,3 +51,38 @@ $B evaluate runs/ldm-dec --data datasets/ixi-t1-mni --quiet --force
 [ -f runs/ldm-flip/summary.json ] || $B train benchmarks/results/generator/config_ldm_v3_flip.toml \
     --data datasets/ixi-t1-mni --out runs/ldm-flip --quiet
 $B evaluate runs/ldm-flip --data datasets/ixi-t1-mni --split val --quiet --force
+
+# v4 (session 8): autoguidance (Karras et al. 2024). First a probe: v3's prior guided by v1's (the same network,
+# 3,000 steps) against classifier-free guidance, validation split.
+.venv/bin/python benchmarks/probe_autoguidance.py runs/ldm-dec runs/ldm-mni/checkpoints/best.safetensors \
+    --data datasets/ixi-t1-mni --weak-guidance 1.25 1.5 1.75 2 --cfg 1 1.5 2
+# Then the optional `guide` stage trains the weak network in the product: a smaller one (not shipped: it made the
+# samples worse) and a copy of the prior's network for 3,000 steps (shipped), each guidance chosen on validation.
+[ -f runs/ldm-guide-s/summary.json ] || $B train benchmarks/results/generator/config_ldm_guide_small.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-guide-s --quiet
+[ -f runs/ldm-guide/summary.json ] || $B train benchmarks/results/generator/config_ldm_v4.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-guide --quiet
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-guide --data datasets/ixi-t1-mni --split val --guides weak \
+    --guidance 1.25 1.5 1.75 2 --solvers heun --steps 16 --out benchmarks/results/generator/sampler_ldm_v4_val.json
+.venv/bin/python -c "from brainvae.export import export_model; export_model('runs/ldm-guide', 'runs/ldm-v4', \
+    name='ixi-t1-128', model_overrides={'prior': {'guide': 'weak', 'guidance': 1.5}})"
+$B evaluate runs/ldm-v4 --data datasets/ixi-t1-mni --split val --quiet --force
+$B evaluate runs/ldm-v4 --data datasets/ixi-t1-mni --quiet --force
+.venv/bin/python benchmarks/zoom_v3_v4.py runs/ldm-dec runs/ldm-v4s8 --data datasets/ixi-t1-mni \
+    --out benchmarks/results/generator/zoom_v3_v4_val.png
+$B utility runs/ldm-v4 --data datasets/ixi-t1-mni --ratios 1 --repeats 3 --quiet --force
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-v4 --data datasets/ixi-t1-mni --steps 4 8 16 --solvers heun \
+    --guidance 1 --out benchmarks/results/sampler_ixi-t1-128-v4_steps_guidance1.json
+# The default steps, chosen on validation (8: as good as 16 at twice the speed), then the shipped default on test.
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-v4 --data datasets/ixi-t1-mni --split val --steps 2 4 8 \
+    --solvers heun --out benchmarks/results/generator/sampler_ldm_v4_steps_val.json
+.venv/bin/python -c "from brainvae.export import export_model; export_model('runs/ldm-guide', 'runs/ldm-v4s8', \
+    name='ixi-t1-128', model_overrides={'prior': {'guide': 'weak', 'guidance': 1.5, 'steps': 8}})"
+$B evaluate runs/ldm-v4s8 --data datasets/ixi-t1-mni --split val --quiet --force
+$B evaluate runs/ldm-v4s8 --data datasets/ixi-t1-mni --quiet --force
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-v4 --data datasets/ixi-t1-mni --steps 4 8 16 --solvers heun \
+    --out benchmarks/results/sampler_ixi-t1-128-v4_steps.json
+# Shipped: the same export into the package, with the test evaluation of the default for its card.
+.venv/bin/python -c "from brainvae.export import export_model; export_model('runs/ldm-guide', \
+    'src/brainvae/pretrained/ixi-t1-128', name='ixi-t1-128', force=True, metrics='runs/ldm-v4s8/eval/metrics.json', \
+    model_overrides={'prior': {'guide': 'weak', 'guidance': 1.5, 'steps': 8}})"

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from brainvae.cli import app
 from brainvae.config import RunConfig, TrainConfig
 from brainvae.errors import BrainVAEError
 from brainvae.export import export_model, training_lines
@@ -111,7 +114,8 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
     # an exported copy can change the default sampler without touching the weights
     export_model(cut, tmp_path / "exported", model_overrides={"prior": {"steps": 3, "solver": "euler"}})
     exported, original = load(tmp_path / "exported"), load(cut)
-    assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0, "background": 0.0}
+    assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0, "guide": "unconditional",
+                                           "background": 0.0}
     assert original.sampler_settings()["steps"] == 16
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
     assert "steps = 3" in (tmp_path / "exported" / "config.toml").read_text()
@@ -160,6 +164,59 @@ def test_decoder_stage_sharpens_only_the_decoder_and_keeps_its_last_weights(tiny
     best = load(tmp_path / "second" / "checkpoints" / "best.safetensors")
     last = load(tmp_path / "second" / "checkpoints" / "last.safetensors")
     assert all(torch.equal(v, last.state_dict()[k]) for k, v in best.state_dict().items())  # best = the last
+
+
+def test_guide_stage_trains_a_weak_network_for_autoguidance_on_a_model_without_one(tiny_store, tmp_path):
+    first = tmp_path / "first"
+    train(first, tiny_store, run_cfg(steps=8), progress=False)
+    with_guide = {**TINY_LDM, "guide": {"widths": [8, 16], "blocks": 1, "emb_dim": 16}}
+    cfg = RunConfig(model=with_guide, train=run_cfg(steps=8).train, stages={"prior": {"share": 0.25},
+                    "guide": {"share": 0.25, "steps": 5, "lr": 1e-2}}, init={"from": str(first), "start": "guide"})
+    summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == ["autoencoder", "prior", "guide"]
+    assert summary["stages"][2]["steps"] == 5
+    before, after = load(first), load(tmp_path / "second")
+    assert all(torch.equal(v, before.flow.state_dict()[k]) for k, v in after.flow.state_dict().items())
+    assert all(torch.equal(v, before.autoencoder.state_dict()[k]) for k, v in after.autoencoder.state_dict().items())
+    assert bool(after.guide_trained) and after.guide.net.head[-1].weight.abs().sum() > 0  # trained off its zero init
+
+    def latents(prior, **options):
+        cond = after.given_cond(4, {"age": 70.0, "sex": 1.0, "position": 0.5})
+        return prior.sample(4, cond, torch.Generator().manual_seed(2), torch.device("cpu"), steps=3, **options)
+
+    # guidance 0 samples the weak network itself; 1 the prior alone; 2 extrapolates away from the weak one
+    assert torch.allclose(latents(after.flow, guidance=0.0, weak=after.guide), latents(after.guide), atol=1e-5)
+    assert torch.allclose(latents(after.flow, guidance=1.0, weak=after.guide), latents(after.flow), atol=1e-6)
+    auto, cfg_guided = latents(after.flow, guidance=2.0, weak=after.guide), latents(after.flow, guidance=2.0)
+    assert not torch.allclose(auto, cfg_guided, atol=1e-3)
+    images = sample_images(after, 3, {"age": 60.0}, seed=0, sampler={"steps": 2, "guidance": 1.5, "guide": "weak"})
+    assert images.shape == (3, 32, 32) and np.isfinite(images).all()
+    with pytest.raises(BrainVAEError, match="weak network"):  # a model without a guide network
+        sample_images(before, 2, None, seed=0, sampler={"guidance": 1.5, "guide": "weak"})
+    with pytest.raises(BrainVAEError, match="guide must be one of"):
+        sample_images(after, 2, None, seed=0, sampler={"guide": "strong"})
+    done = CliRunner().invoke(app, ["sample", str(tmp_path / "second"), "-n", "2", "--steps", "2", "--guidance", "1.5",
+                                    "--guide", "weak", "--out", str(tmp_path / "s")])
+    assert done.exit_code == 0, done.output
+    assert '"weak"' in (tmp_path / "s" / "meta.json").read_text()
+
+    # weights lacking the guide are taken only by a run that trains it
+    no_stage = RunConfig(model=with_guide, train=run_cfg(steps=8).train, stages={"prior": {"share": 0.5}},
+                         init={"from": str(first), "start": "prior"})
+    with pytest.raises(BrainVAEError, match="missing"):
+        train(tmp_path / "third", tiny_store, no_stage, progress=False)
+
+
+def test_weak_guide_config_needs_a_guide_network():
+    with pytest.raises(BrainVAEError, match="needs a weak network"):
+        RunConfig(model={**TINY_LDM, "prior": {**TINY_LDM["prior"], "guide": "weak"}})
+    with pytest.raises(BrainVAEError, match="guide must be one of"):
+        RunConfig(model={**TINY_LDM, "prior": {**TINY_LDM["prior"], "guide": "strong"}})
+    model = build("ldm", {**{k: v for k, v in TINY_LDM.items() if k != "arch"}, "guide": {"widths": [8, 16]}})
+    with pytest.raises(BrainVAEError, match="untrained"):
+        model.sample(2, None, steps=2, guidance=1.5, guide="weak")
+    with pytest.raises(BrainVAEError, match="\\[model.guide\\]"):
+        build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"}).set_stage("guide")
 
 
 def test_decoder_stage_needs_a_discriminator(tiny_store, tmp_path):

@@ -346,8 +346,12 @@ Sex = Annotated[Optional[str], typer.Option(help="M or F, also male / female (co
 Position = Annotated[Optional[float], typer.Option(help="Slice position in the brain, 0..1 (conditional models).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Prior integration steps (ldm; default from its config).")]
 Guidance = Annotated[Optional[float], typer.Option(
-    help="Classifier-free guidance scale (ldm): 0 ignores the conditions, 1 follows them, > 1 sharpens them.")]
+    help="Guidance scale (ldm): 1 = the model as trained; > 1 extrapolates away from the guide; 0 = the guide "
+         "itself (the unconditional model, or the weak network).")]
 Solver = Annotated[Optional[str], typer.Option(help="euler or heun (ldm; default from its config).")]
+Guide = Annotated[Optional[str], typer.Option(
+    help="What guidance extrapolates away from (ldm): unconditional (classifier-free guidance: sharper "
+         "conditions) or weak (autoguidance with the model's weak network: fewer of its errors). Default from its config.")]
 
 
 @app.command("compare")
@@ -391,7 +395,7 @@ def sample_cmd(
     n: Annotated[int, typer.Option("-n", help="Number of slices.")] = 64,
     age: Age = None, sex: Sex = None, position: Position = None, seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
-    steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
+    steps: Steps = None, guidance: Guidance = None, solver: Solver = None, guide: Guide = None,
     device: Device = "auto", force: Force = False,
 ) -> None:
     """Generate new slices: PNG grid, one greyscale PNG each, NIfTI (images along axis 4), .npy, meta.json."""
@@ -405,7 +409,7 @@ def sample_cmd(
         raise OutputExistsError(out)
     model = G.load(run, device=resolve_device(device))
     cond = G.conditions(model, age, sex, position)
-    sampler = {"steps": steps, "guidance": guidance, "solver": solver}
+    sampler = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide}
     images = G.sample_images(model, n, cond, seed, sampler=sampler)
     G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, sampler), force=force)
     typer.echo(f"{n} samples -> {out}")
@@ -477,7 +481,7 @@ def evaluate_cmd(
                                                                  "(default 300; cached).")] = None,
     split: Annotated[str, typer.Option(help="Real slices to measure against: test (to report) or val (to tune; "
                                             "default output RUN/eval-val).")] = "test",
-    steps: Steps = None, guidance: Guidance = None, solver: Solver = None,
+    steps: Steps = None, guidance: Guidance = None, solver: Solver = None, guide: Guide = None,
     device: Device = "auto", force: Force = False, quiet: Quiet = False, log_file: LogFile = None, resize: Resize = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
@@ -495,7 +499,7 @@ def evaluate_cmd(
         metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force,
                                progress=not quiet, featnet_steps=featnet_steps, predictor_steps=predictor_steps,
                                device=resolve_device(device), split=split,
-                               sampler={"steps": steps, "guidance": guidance, "solver": solver})
+                               sampler={"steps": steps, "guidance": guidance, "solver": solver, "guide": guide})
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}"

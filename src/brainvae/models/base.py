@@ -183,6 +183,9 @@ class BrainModel(nn.Module):
     # Stages whose validation loss does not choose the checkpoint (an adversarial fine-tune worsens the
     # likelihood on purpose): their ``best`` is the stage's last weights.
     unselected_stages: tuple[str, ...] = ()
+    # Stage -> the prefix of the state-dict keys only that stage trains: a run that starts (``[init]``) at or
+    # before the stage may take its weights from a model that lacks them (e.g. an ldm given a guide network).
+    stage_owned: dict[str, str] = {}
     sample_options: tuple[str, ...] = ()  # keyword options of sample() beyond (n, cond, generator)
     fixed_sigma: float = 0.1  # per-pixel std of the likelihood decode_params assumes (models without their own)
     score_smoothing: float = 1.5  # px: Gaussian sigma applied to |dKL/dx| by the KL scores

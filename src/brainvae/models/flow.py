@@ -19,6 +19,13 @@ sampling, keys left out are marginalised, and classifier-free guidance (Ho &
 Salimans 2022) combines v = v(z, {}) + w (v(z, c) - v(z, {})): w = 0 is the
 unconditional model, w = 1 the conditional one (one network pass per step), w > 1
 sharpens the conditions.
+
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+itself"), ``guide = "weak"``: the same combination with a weaker network in place of
+the unconditional one, v = v_weak(z, c) + w (v(z, c) - v_weak(z, c)), both under the
+same conditions. The weak network (smaller and/or trained for less) makes the same
+kind of errors, only more; extrapolating away from it removes them, where
+classifier-free guidance mostly exaggerates the conditions and narrows the variety.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from ..config import check
 from .base import Conditioning, randn
 
 SOLVERS = ("euler", "heun")
+GUIDES = ("unconditional", "weak")  # what guidance extrapolates away from
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class FlowConfig:
     drop_all: float = 0.1  # training: hide all conditions with this probability
     steps: int = 16  # default sampling steps (heun: 2 network passes each)
     solver: str = "heun"  # default solver
-    guidance: float = 1.0  # default classifier-free guidance scale
+    guidance: float = 1.0  # default guidance scale
+    guide: str = "unconditional"  # default guide: the model without conditions (CFG) or a weak network (autoguidance)
 
     def __post_init__(self) -> None:
         check(len(self.widths) >= 1 and all(w > 0 and w % 8 == 0 for w in self.widths),
@@ -60,6 +69,7 @@ class FlowConfig:
         check(self.steps >= 1, "prior steps must be >= 1")
         check(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
         check(self.guidance >= 0, "guidance must be >= 0")
+        check(self.guide in GUIDES, f"guide must be one of {GUIDES}, got {self.guide!r}")
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -220,10 +230,16 @@ class FlowPrior(nn.Module):
         return (v - (eps - z0)).pow(2).flatten(1).sum(1)
 
     # -- sampling -----------------------------------------------------------------------------------
-    def guided_velocity(self, z: Tensor, t: float, c: Tensor | None, guidance: float) -> Tensor:
+    def guided_velocity(self, z: Tensor, t: float, c: Tensor | None, guidance: float,
+                        weak: "FlowPrior | None" = None) -> Tensor:
+        """The velocity at (z, t) guided with scale ``guidance``: away from the unconditional model, or with
+        ``weak`` (autoguidance) away from that network under the same conditions."""
         tt = torch.full((len(z),), t, device=z.device)
-        if c is None or guidance == 1.0:
+        if guidance == 1.0 or (weak is None and c is None):
             return self.velocity(z, tt, c)
+        if weak is not None:
+            v_weak = weak.velocity(z, tt, c)
+            return v_weak if guidance == 0.0 else v_weak + guidance * (self.velocity(z, tt, c) - v_weak)
         uncond = torch.cat([torch.zeros_like(c[:, :len(self.keys)]), torch.ones_like(c[:, len(self.keys):])], 1)
         if guidance == 0.0:
             return self.velocity(z, tt, uncond)
@@ -233,14 +249,16 @@ class FlowPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, cond: dict[str, Tensor] | None, generator: torch.Generator | None, device: torch.device,
-               steps: int | None = None, guidance: float | None = None, solver: str | None = None) -> Tensor:
-        """n latents (n, C, s, s): integrate from noise at t = 1 to data at t = 0."""
+               steps: int | None = None, guidance: float | None = None, solver: str | None = None,
+               weak: "FlowPrior | None" = None) -> Tensor:
+        """n latents (n, C, s, s): integrate from noise at t = 1 to data at t = 0 (``weak``: autoguidance)."""
         z = randn((n, *self.latent_shape), generator, device)
-        return self.integrate(z, 1.0, self.cond_inputs(cond, n, device), steps, guidance, solver)
+        return self.integrate(z, 1.0, self.cond_inputs(cond, n, device), steps, guidance, solver, weak)
 
     @torch.no_grad()
     def integrate(self, z: Tensor, t_start: float, c: Tensor | None, steps: int | None = None,
-                  guidance: float | None = None, solver: str | None = None) -> Tensor:
+                  guidance: float | None = None, solver: str | None = None, weak: "FlowPrior | None" = None,
+                  ) -> Tensor:
         """Integrate dz/dt = v from ``t_start`` (z: (B, C, s, s) on the path at that time) to data at t = 0 in
         ``steps`` equal steps; ``c`` from ``cond_inputs``. Sampling starts at t = 1 (noise); restoring a latent
         moved part-way towards noise starts at that t."""
@@ -251,8 +269,8 @@ class FlowPrior(nn.Module):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         ts = torch.linspace(t_start, 0.0, steps + 1).tolist()
         for t, t_next in zip(ts, ts[1:]):
-            v = self.guided_velocity(z, t, c, guidance)
+            v = self.guided_velocity(z, t, c, guidance, weak)
             if solver == "heun":
-                v = 0.5 * (v + self.guided_velocity(z + (t_next - t) * v, t_next, c, guidance))
+                v = 0.5 * (v + self.guided_velocity(z + (t_next - t) * v, t_next, c, guidance, weak))
             z = z + (t_next - t) * v
         return z

@@ -21,8 +21,12 @@ Stable Diffusion 3 (Esser et al. 2024):
    the decoder and discriminator train on, the adversarial term on from the first step. The latent, and
    so the prior, stay valid; only the decoded images sharpen. The stage's likelihood worsens as its images
    sharpen, so its checkpoint is its last weights, not the lowest validation loss.
+4. ``guide`` stage (optional: trained when the run config has ``[stages.guide]``): a weaker flow network
+   (``[model.guide]``; on IXI the prior's own network trained for a third as long worked, a smaller one made
+   samples worse) on the same latents, for autoguidance at sampling (``guide = "weak"``, Karras et al. 2024):
+   samples are pushed away from the weak network's errors.
 
-One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``),
+One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``, ``[model.guide]``),
 one run folder; the engine trains the stages in order (``RunConfig.stage_plan``).
 ``encode``/``decode``/``reconstruct`` (and so the anomaly scores) go through the
 autoencoder, ``sample`` through the prior.
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 from ..config import check, from_dict
 from ..errors import BrainVAEError
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
-from .flow import FlowConfig, FlowPrior
+from .flow import GUIDES, FlowConfig, FlowPrior
 from .registry import register
 from .resvae import ResVAE, ResVAEConfig
 from .scoring import SMOOTH_SIGMA, Score, ScoreBatch, gaussian_blur
@@ -122,6 +126,9 @@ class LDMConfig(BaseConfig):
     # and integrated back by the prior with Heun steps of at most ``restore_step``; scores average over the levels.
     restore_levels: tuple[float, ...] = (0.3, 0.45, 0.6)
     restore_step: float = 0.1
+    # The weak network for autoguidance (FlowConfig network fields: give the prior's, and train it for fewer steps).
+    # Empty: no guide network. Trained by the optional ``guide`` stage ([stages.guide] in the run).
+    guide: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,7 +140,11 @@ class LDMConfig(BaseConfig):
         check(self.stats_batches >= 1, "stats_batches must be >= 1")
         check(0.0 <= self.background < 1.0, f"background must be in [0, 1), got {self.background}")
         self.autoencoder_config()
-        self.prior_config()
+        prior = self.prior_config()
+        check(prior.guide != "weak" or self.guide, "[model.prior] guide = \"weak\" needs a weak network: give "
+              "[model.guide] (e.g. the prior's widths) and train it with [stages.guide]")
+        if self.guide:
+            self.guide_config()
 
     def autoencoder_config(self) -> ResVAEConfig:
         values = {**AUTOENCODER_DEFAULTS, **self.autoencoder, "image_size": self.image_size}
@@ -142,20 +153,27 @@ class LDMConfig(BaseConfig):
     def prior_config(self) -> FlowConfig:
         return from_dict(FlowConfig, dict(self.prior), "[model.prior]")
 
+    def guide_config(self) -> FlowConfig:
+        return from_dict(FlowConfig, dict(self.guide), "[model.guide]")
+
 
 @register("ldm", LDMConfig)
 class LDM(BrainModel):
     config: LDMConfig
-    stages = ("autoencoder", "prior", "decoder")
-    optional_stages = ("decoder",)
+    stages = ("autoencoder", "prior", "decoder", "guide")
+    optional_stages = ("decoder", "guide")
+    stage_owned = {"guide": "guide"}
     unselected_stages = ("decoder",)
-    sample_options = ("steps", "guidance", "solver")
+    sample_options = ("steps", "guidance", "solver", "guide")
 
     def __init__(self, config: LDMConfig):
         super().__init__(config)
         self.autoencoder = ResVAE(config.autoencoder_config())
         shape = tuple(self.autoencoder.latent_shape())  # (C, s, s)
         self.flow = FlowPrior(config.prior_config(), shape, tuple(config.conditions))
+        self.guide = FlowPrior(config.guide_config(), shape, tuple(config.conditions)) if config.guide else None
+        if self.guide is not None:  # set when the guide stage starts: an untrained guide would steer at random
+            self.register_buffer("guide_trained", torch.tensor(False))
         self.register_buffer("latent_mean", torch.zeros(shape[0]))
         self.register_buffer("latent_std", torch.ones(shape[0]))
         self.stage = "autoencoder"
@@ -167,11 +185,16 @@ class LDM(BrainModel):
         if name == "decoder" and self.autoencoder.disc is None:
             raise BrainVAEError("the ldm decoder stage sharpens the decoder adversarially: set "
                                 "[model.autoencoder] adv_weight > 0")
+        if name == "guide" and self.guide is None:
+            raise BrainVAEError("the ldm guide stage trains the weak network of [model.guide]: give it "
+                                "(e.g. the prior's widths)")
         self.stage = name
         self.autoencoder.requires_grad_(name in ("autoencoder", "decoder"))
         for frozen in self._encoder_side():
             frozen.requires_grad_(name == "autoencoder")
         self.flow.requires_grad_(name == "prior")
+        if self.guide is not None:
+            self.guide.requires_grad_(name == "guide")
         self.step = self.step  # the decoder stage's adversarial term is on from its first step
         self.train(self.training)
 
@@ -180,7 +203,7 @@ class LDM(BrainModel):
 
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
-        if self.stage == "prior":  # the frozen autoencoder keeps its BatchNorm statistics
+        if self.stage in ("prior", "guide"):  # the frozen autoencoder (and prior) keep their statistics
             self.autoencoder.eval()
         if self.stage == "decoder":  # so does the frozen encoder
             for frozen in self._encoder_side():
@@ -189,7 +212,10 @@ class LDM(BrainModel):
 
     @torch.no_grad()
     def begin_stage(self, name: str, data) -> None:
-        """Prior stage: per-channel mean and std of the latents of ``stats_batches`` training batches."""
+        """Prior stage: per-channel mean and std of the latents of ``stats_batches`` training batches. Guide
+        stage: the guide counts as trained from here on."""
+        if name == "guide":
+            self.guide_trained.fill_(True)
         if name != "prior":
             return
         was = self.training
@@ -207,8 +233,9 @@ class LDM(BrainModel):
 
     @torch.no_grad()
     def stage_data(self, name: str, data):
-        """Prior stage: the split encoded once (``LatentBatches``), so a step costs only the velocity network."""
-        if name != "prior":
+        """Prior and guide stages: the split encoded once (``LatentBatches``), so a step costs only the velocity
+        network."""
+        if name not in ("prior", "guide"):
             return data
         was = self.training
         self.eval()
@@ -217,8 +244,8 @@ class LDM(BrainModel):
         return latents
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.stage == "prior":
-            return {"model": list(self.flow.parameters())}
+        if self.stage in ("prior", "guide"):
+            return {"model": list(self._stage_flow().parameters())}
         groups = self.autoencoder.optimizer_groups()
         return {g: [p for p in params if p.requires_grad] for g, params in groups.items()}
 
@@ -231,6 +258,9 @@ class LDM(BrainModel):
         """The engine's optimiser step; in the decoder stage at least ``adv_start`` (the adversarial term on)."""
         start = self.autoencoder.config.adv_start if self.stage == "decoder" else 0
         self.autoencoder.step = max(int(value), start)
+
+    def _stage_flow(self) -> FlowPrior:
+        return self.guide if self.stage == "guide" else self.flow
 
     def disc_loss(self, x: Tensor, recon: Tensor, cond: Cond = None) -> Tensor:
         return self.autoencoder.disc_loss(x, recon)
@@ -250,7 +280,7 @@ class LDM(BrainModel):
         return self.autoencoder.decode(z)
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
-        if self.stage != "prior":  # autoencoder, decoder: the autoencoder's loss (its frozen parts get no gradient)
+        if self.stage not in ("prior", "guide"):  # the autoencoder's loss (its frozen parts get no gradient)
             return self.autoencoder(x, None, kl_scale)
         posterior = None
         if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)
@@ -259,19 +289,32 @@ class LDM(BrainModel):
             with torch.no_grad():
                 posterior = self.autoencoder.encode(x)
                 z = posterior.sample()
-        flow = self.flow.loss(self._standardise(z), cond)  # (B,)
+        flow = self._stage_flow().loss(self._standardise(z), cond)  # (B,)
         return Output(None, posterior, {"loss": flow, "flow": flow})
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None, steps: int | None = None,
-               guidance: float | None = None, solver: str | None = None) -> Tensor:
+               guidance: float | None = None, solver: str | None = None, guide: str | None = None) -> Tensor:
         """n slices (n, 1, H, W); conditions left out are marginalised (see :mod:`brainvae.models.flow`).
         Options not given come from ``configure_sampler``, then from ``[model.prior]``."""
-        given = {"steps": steps, "guidance": guidance, "solver": solver}
+        given = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide}
         options = {**self.sampler_defaults, **{k: v for k, v in given.items() if v is not None}}
-        z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options)
+        weak = self._weak(options.pop("guide", self.flow.cfg.guide))
+        z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options, weak=weak)
         x = self.decode(self._unstandardise(z))
         return zero_background(x, self.config.background) if self.config.background > 0 else x
+
+    def _weak(self, guide: str) -> FlowPrior | None:
+        """The network guidance extrapolates away from besides the unconditional model: None, or the guide."""
+        if guide not in GUIDES:
+            raise BrainVAEError(f"guide must be one of {GUIDES}, got {guide!r}")
+        if guide == "unconditional":
+            return None
+        if self.guide is None or not bool(self.guide_trained):
+            raise BrainVAEError("guide \"weak\" (autoguidance) needs the model's weak network, trained by the "
+                                "ldm guide stage ([model.guide] and [stages.guide]); this model has "
+                                + ("none" if self.guide is None else "an untrained one"))
+        return self.guide
 
     # -- anomaly scores: restoration with the prior ------------------------------------------------------
     @torch.no_grad()
@@ -310,5 +353,6 @@ class LDM(BrainModel):
 
     def sampler_settings(self) -> dict:
         cfg = self.flow.cfg
-        return {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance, **super().sampler_settings(),
+        return {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance, "guide": cfg.guide,
+                **super().sampler_settings(),
                 "background": self.config.background}

@@ -100,8 +100,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
         raise InputFileError(path, f"not a readable safetensors checkpoint ({exc})") from None
 
 
-def load_weights(path: Path, model: torch.nn.Module, *, prefer_ema: bool = False) -> None:
-    """Load weights into ``model``; refuses a checkpoint of another architecture."""
+def load_weights(path: Path, model: torch.nn.Module, *, prefer_ema: bool = False,
+                 may_lack: tuple[str, ...] = ()) -> None:
+    """Load weights into ``model``; refuses a checkpoint of another architecture. Keys starting with a
+    ``may_lack`` prefix may be missing from the checkpoint (the model keeps its own)."""
     meta = read_metadata(path)
     arch = meta["brainvae_model"]["arch"]
     if arch != model.arch:
@@ -110,14 +112,14 @@ def load_weights(path: Path, model: torch.nn.Module, *, prefer_ema: bool = False
     prefix = "ema." if prefer_ema and any(k.startswith("ema.") for k in tensors) else "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.startswith(may_lack)]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
         example = (missing + unexpected + reshaped)[0]
         raise InputFileError(path, f"weights do not fit the model config ({len(missing)} missing, {len(unexpected)} "
                                    f"unexpected, {len(reshaped)} of another shape, e.g. {example!r})")
-    model.load_state_dict(state)
+    model.load_state_dict({**expected, **state})
 
 
 def load_model(path: Path, *, prefer_ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:

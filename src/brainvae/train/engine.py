@@ -574,8 +574,9 @@ def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches
     """Load ``[init] from``'s EMA weights into ``model``; counters that begin at ``[init] start``, the skipped
     stages recorded in the history as taken from there."""
     source = RunDir.resolve(run_cfg.init["from"])
-    load_weights(source.checkpoint("best"), model, prefer_ema=True)
     start = run_cfg.start_stage()
+    fresh = tuple(model.stage_owned[name] for name, _ in plan[start:] if name in model.stage_owned)
+    load_weights(source.checkpoint("best"), model, prefer_ema=True, may_lack=fresh)
     st = new_counters(stage=start)
     st["history"] = [{"stage": name, "from": str(run_cfg.init["from"])} for name, _ in plan[:start]]
     if start > 0:
