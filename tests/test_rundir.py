@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from brainvae import rundir
+from brainvae.cli import app
 from brainvae.config import RunConfig, TrainConfig
+from brainvae.data.store import SliceStore
 from brainvae.errors import BrainVAEError, OutputExistsError
 from brainvae.export import export_model
 from brainvae.generate import load, sample_images
@@ -94,3 +99,23 @@ def test_output_paths_of_a_run_folder(tmp_path):
     assert (rd.metrics_log, rd.eval_dir, rd.anomaly_dir, rd.utility_dir) == (
         tmp_path / "metrics.jsonl", tmp_path / "eval", tmp_path / "anomaly", tmp_path / "utility")
     assert rd.last_checkpoint == tmp_path / "checkpoints" / "last.safetensors"
+
+
+def test_sampling_outside_the_training_ages_warns(tiny_run, tiny_store, tmp_path):
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    ages = SliceStore(tiny_store).age_range("train")
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["train_ages"] == ages and ages[0] < ages[1]
+    old = invoke("sample", tiny_run, "-n", 2, "--age", ages[1] + 10, "--out", tmp_path / "old")
+    assert old.exit_code == 0 and "is outside the ages of" in old.output
+    inside = invoke("sample", tiny_run, "-n", 2, "--age", (ages[0] + ages[1]) / 2, "--out", tmp_path / "mid")
+    assert inside.exit_code == 0 and "outside the ages" not in inside.output
+
+    del summary["train_ages"]  # a run from before summaries recorded them: export adds them from its store
+    (tiny_run / "summary.json").write_text(json.dumps(summary))
+    assert RunDir.resolve(tiny_run).age_warning(ages[1] + 10) is None
+    export_model(tiny_run, tmp_path / "exported")
+    assert json.loads((tmp_path / "exported" / "summary.json").read_text())["train_ages"] == ages
+    assert "outside the ages" in RunDir.resolve(tmp_path / "exported").age_warning(ages[0] - 5)

@@ -409,6 +409,8 @@ def sample_cmd(
         raise OutputExistsError(out)
     model = G.load(run, device=resolve_device(device))
     cond = G.conditions(model, age, sex, position)
+    if warning := RunDir.resolve(run).age_warning(age):
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
     sampler = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide}
     images = G.sample_images(model, n, cond, seed, sampler=sampler)
     G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, sampler), force=force)

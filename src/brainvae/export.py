@@ -138,6 +138,17 @@ def _merge(base: dict, over: dict) -> dict:
     return {**base, **{k: _merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in over.items()}}
 
 
+def _record_train_ages(exported: RunDir, run: RunDir) -> None:
+    """Runs trained before summaries recorded ``train_ages``: add them from the run's store, where it is found
+    (``brainvae sample`` warns about ages outside them, also for a shipped model whose store is gone)."""
+    summary = json.loads(exported.summary_file.read_text()) if exported.summary_file.exists() else None
+    store = run.provenance().get("store")
+    if summary is None or "train_ages" in summary or not (store and Path(store, "manifest.csv").is_file()):
+        return
+    summary["train_ages"] = SliceStore(store).age_range("train")
+    exported.summary_file.write_text(json.dumps(summary, indent=2))
+
+
 def export_model(run: str | Path, out: str | Path, *, name: str | None = None, force: bool = False,
                  data_note: str | None = None, limitations: tuple[str, ...] = (),
                  model_overrides: dict | None = None, metrics: str | Path | None = None) -> Path:
@@ -169,6 +180,7 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
         for f in (rd.provenance_file, rd.summary_file):
             if f.exists():
                 shutil.copy(f, tmp / f.name)
+        _record_train_ages(RunDir(tmp), rd)
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "figures"}, indent=1))
         # the card reads the copies just written (config with the overrides, provenance, summary)

@@ -165,6 +165,15 @@ class RunDir:
                                 f"{trained} x {trained} px slices; prepare the store with --size {trained}, or pass "
                                 f"--resize to resample its slices to the model's size")
 
+    def age_warning(self, age: float | None) -> str | None:
+        """A warning when ``age`` lies outside the ages of the subjects the model was trained on
+        (``train_ages`` in its summary.json), else None: beyond them a conditional model extrapolates."""
+        ages = json.loads(self.summary_file.read_text()).get("train_ages") if self.summary_file.exists() else None
+        if age is None or not ages or ages[0] <= age <= ages[1]:
+            return None
+        return (f"age {age:g} is outside the ages of {self.name}'s training subjects "
+                f"({ages[0]:.0f}-{ages[1]:.0f} years): its samples there are extrapolation and can be implausible")
+
     def other_store_warning(self, store: SliceStore, split: str) -> str | None:
         """None for the store the run trained on; else a warning, and an error when volumes of the store's
         ``split`` were in the run's training split (same source checksum), so it cannot measure the run."""

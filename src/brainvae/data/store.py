@@ -191,6 +191,11 @@ class SliceStore:
             return np.arange(len(self.manifest))
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
 
+    def age_range(self, split: str = "train") -> list[float] | None:
+        """[youngest, oldest] known age of a split's subjects, or None when no age is known."""
+        ages = self.manifest["age"].iloc[self.indices(split)].dropna() if "age" in self.manifest else []
+        return [float(ages.min()), float(ages.max())] if len(ages) else None
+
     def __len__(self) -> int:
         return len(self.manifest)
 

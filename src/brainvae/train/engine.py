@@ -525,7 +525,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     summary = {"arch": run_cfg.arch, "steps": st["step"], "epochs": st["epoch"], "seconds": round(seconds, 1),
                "images_per_second": round(sum(s.get("images", 0) for s in stages) / max(seconds, 1e-9), 1),
                "best_val_loss_per_pixel": st["best_val"] / size ** 2, "device": str(dev), "world_size": world,
-               "precision": precision_name(amp)}
+               "precision": precision_name(amp), "train_ages": store.age_range("train")}
     if len(plan) > 1:
         summary["stages"] = stages
     if run_cfg.init:
