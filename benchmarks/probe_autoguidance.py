@@ -20,6 +20,7 @@ import argparse
 import json
 
 import numpy as np
+import torch
 
 from brainvae import generate as G
 from brainvae.conditions import conditions_of
@@ -58,7 +59,7 @@ def main() -> None:
     weak = FlowPrior(model.flow.cfg, model.flow.latent_shape, model.flow.keys)
     weak.load_state_dict({k[len("flow."):]: v for k, v in ema_tensors(args.weak).items() if k.startswith("flow.")})
     model.guide = weak.eval()  # the external prior as the model's weak network, for this probe only
-    model.register_buffer("guide_trained", weak.net.head[-1].weight.new_ones(()).bool())
+    model.register_buffer("guide_trained", torch.tensor(True))
 
     settings = [("weak", w) for w in args.weak_w] + [("unconditional", w) for w in args.cfg]
     for guide, w in settings:

@@ -19,6 +19,10 @@ from brainvae.rundir import RunDir
 from brainvae.train.engine import train
 
 
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 @pytest.fixture
 def tiny_run(tiny_store, tmp_path):
     cfg = RunConfig(model={"arch": "cvae", "image_size": 32, "channels": [8, 16, 16], "latent_dim": 4},
@@ -66,12 +70,6 @@ def test_export_then_load_by_shipped_name(tiny_run, tmp_path, monkeypatch):
 
 
 def test_cli_export_models_and_sample_by_name(tiny_run, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from brainvae.cli import app
-
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
 
     root = tmp_path / "pretrained"
     assert invoke("export", tiny_run, "--out", root / "tiny-model").exit_code == 0
@@ -102,8 +100,6 @@ def test_output_paths_of_a_run_folder(tmp_path):
 
 
 def test_sampling_outside_the_training_ages_warns(tiny_run, tiny_store, tmp_path):
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
 
     ages = SliceStore(tiny_store).age_range("train")
     summary = json.loads((tiny_run / "summary.json").read_text())

@@ -72,7 +72,7 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
                limitations: tuple[str, ...] = ()) -> str:
     cfg = load_config(RunConfig, run.config_file)
     prov = run.provenance()
-    summary = json.loads(run.summary_file.read_text()) if run.summary_file.exists() else {}
+    summary = run.summary()
     store_cfg = prov.get("store_config", {})
     hw = prov.get("hardware", {})
     lines = [f"# {name}", "",
@@ -141,9 +141,9 @@ def _merge(base: dict, over: dict) -> dict:
 def _record_train_ages(exported: RunDir, run: RunDir) -> None:
     """Runs trained before summaries recorded ``train_ages``: add them from the run's store, where it is found
     (``brainvae sample`` warns about ages outside them, also for a shipped model whose store is gone)."""
-    summary = json.loads(exported.summary_file.read_text()) if exported.summary_file.exists() else None
+    summary = exported.summary()
     store = run.provenance().get("store")
-    if summary is None or "train_ages" in summary or not (store and Path(store, "manifest.csv").is_file()):
+    if not summary or "train_ages" in summary or not (store and Path(store, "manifest.csv").is_file()):
         return
     summary["train_ages"] = SliceStore(store).age_range("train")
     exported.summary_file.write_text(json.dumps(summary, indent=2))

@@ -137,12 +137,11 @@ class RunDir:
         return self.path / kind
 
     def provenance(self) -> dict:
-        if not self.provenance_file.exists():
-            return {}
-        try:
-            return json.loads(self.provenance_file.read_text())
-        except ValueError:
-            raise InputFileError(self.provenance_file, "not valid JSON") from None
+        return _read_json(self.provenance_file)
+
+    def summary(self) -> dict:
+        """The run's summary.json ({} when there is none)."""
+        return _read_json(self.summary_file)
 
     def trained_on(self, store: SliceStore) -> bool:
         """Whether ``store`` is the store this run trained on: the same fingerprint (runs of older versions,
@@ -168,7 +167,7 @@ class RunDir:
     def age_warning(self, age: float | None) -> str | None:
         """A warning when ``age`` lies outside the ages of the subjects the model was trained on
         (``train_ages`` in its summary.json), else None: beyond them a conditional model extrapolates."""
-        ages = json.loads(self.summary_file.read_text()).get("train_ages") if self.summary_file.exists() else None
+        ages = self.summary().get("train_ages")
         if age is None or not ages or ages[0] <= age <= ages[1]:
             return None
         return (f"age {age:g} is outside the ages of {self.name}'s training subjects "
@@ -197,3 +196,13 @@ class RunDir:
                                 f"source files as in {trained}'s train split); evaluate on {trained}, or on a store "
                                 f"of other subjects")
         return warning
+
+
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON record ({} when missing); invalid JSON is an InputFileError naming the file."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise InputFileError(path, "not valid JSON") from None

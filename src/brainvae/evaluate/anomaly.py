@@ -161,7 +161,8 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
                 precision: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Raw maps (N, H, W) float32 of the model's scores ``names`` for the slices ``rows`` of ``data`` (default:
     all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the
-    additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast as in training (``auto``: bf16 where native)."""
+    additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast
+    as in training (``auto``: bf16 where native)."""
     from ..train.engine import autocast_dtype
 
     gen = torch.Generator(device=model.device).manual_seed(seed)

@@ -295,7 +295,6 @@ class BrainModel(nn.Module):
 
     def check_sample_options(self, options: dict | None) -> dict:
         """The given sampling options without None values; unknown ones are a BrainVAEError."""
-
         options = {k: v for k, v in (options or {}).items() if v is not None}
         unknown = sorted(set(options) - set(self.sample_options))
         if unknown:

@@ -53,6 +53,7 @@ from .scoring import SMOOTH_SIGMA, Score, ScoreBatch, gaussian_blur
 AUTOENCODER_DEFAULTS = {"channels": (64, 128), "patch": 2, "enc_blocks": 1, "dec_blocks": 2, "latent_channels": 4,
                         "beta": 0.01, "prior": "standard", "adv_weight": 0.5, "adv_start": 1500, "fm_weight": 1.0}
 _FIXED = ("image_size", "conditions", "prior")  # set by the ldm itself
+_FLOW_STAGES = ("prior", "guide")  # stages that train a flow network on the frozen autoencoder's latents
 
 
 def zero_background(x: Tensor, threshold: float, min_share: float = 0.05) -> Tensor:
@@ -203,7 +204,7 @@ class LDM(BrainModel):
 
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
-        if self.stage in ("prior", "guide"):  # the frozen autoencoder (and prior) keep their statistics
+        if self.stage in _FLOW_STAGES:  # the frozen autoencoder (and prior) keep their statistics
             self.autoencoder.eval()
         if self.stage == "decoder":  # so does the frozen encoder
             for frozen in self._encoder_side():
@@ -235,7 +236,7 @@ class LDM(BrainModel):
     def stage_data(self, name: str, data):
         """Prior and guide stages: the split encoded once (``LatentBatches``), so a step costs only the velocity
         network."""
-        if name not in ("prior", "guide"):
+        if name not in _FLOW_STAGES:
             return data
         was = self.training
         self.eval()
@@ -244,7 +245,7 @@ class LDM(BrainModel):
         return latents
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.stage in ("prior", "guide"):
+        if self.stage in _FLOW_STAGES:
             return {"model": list(self._stage_flow().parameters())}
         groups = self.autoencoder.optimizer_groups()
         return {g: [p for p in params if p.requires_grad] for g, params in groups.items()}
@@ -280,7 +281,7 @@ class LDM(BrainModel):
         return self.autoencoder.decode(z)
 
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
-        if self.stage not in ("prior", "guide"):  # the autoencoder's loss (its frozen parts get no gradient)
+        if self.stage not in _FLOW_STAGES:  # the autoencoder's loss (its frozen parts get no gradient)
             return self.autoencoder(x, None, kl_scale)
         posterior = None
         if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)

@@ -564,9 +564,8 @@ def _close_logs(run: Run) -> None:
 def source_summary(name_or_path: str) -> dict | None:
     """The summary.json of the model a run started from (its training, recorded with the run's own), or None."""
     try:
-        path = RunDir.resolve(name_or_path).summary_file
-        return json.loads(path.read_text()) if path.exists() else None
-    except (BrainVAEError, ValueError):
+        return RunDir.resolve(name_or_path).summary() or None
+    except BrainVAEError:  # not resolvable, or its summary.json is not valid JSON
         return None
 
 
