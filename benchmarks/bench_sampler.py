@@ -9,7 +9,10 @@ the real slices (floor: real train vs real split), and sampling speed
 Choose settings on ``--split val``; measure the chosen ones on test.
 
     python benchmarks/bench_sampler.py runs/ldm --data datasets/ixi-t1-mni --steps 2 4 8 16 [--guidance 1 2] \
-        [--guides unconditional weak] [--split val] [--n 1000]
+        [--guides unconditional weak] [--split val] [--n 1000] [--student]
+
+``--student`` adds a row for the model's distilled few-step student (``sampler = "student"``); ``--steps 0``
+measures no prior sampler settings (the student alone).
 
 Writes benchmarks/results/sampler_<run name>.json (or --out) and prints a table.
 """
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--student", action="store_true", help="also the distilled student sampler")
     ap.add_argument("--solvers", nargs="+", default=["heun", "euler"])
     ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="default: the model's")
     ap.add_argument("--guides", nargs="+", default=[None], help="unconditional and/or weak (default: the model's)")
@@ -71,10 +75,10 @@ def main() -> None:
     print(f"floor: {floor}")
 
     rows = []
-    settings = [(g, w, solver, steps) for g in args.guides for w in args.guidance for solver in args.solvers
-                for steps in args.steps]
-    for guide, guidance, solver, steps in settings:
-        sampler = {"steps": steps, "solver": solver, "guidance": guidance, "guide": guide}
+    settings = [{"sampler": "prior", "steps": steps, "solver": solver, "guidance": w, "guide": g}
+                for g in args.guides for w in args.guidance for solver in args.solvers for steps in args.steps if steps]
+    settings += [{"sampler": "student"}] if args.student else []
+    for sampler in settings:
         G.sample_images(model, 64, cond and {k: v[:64] for k, v in cond.items()}, args.seed, sampler=sampler)
         t = time.perf_counter()
         samples = G.sample_images(model, m, cond, args.seed, sampler=sampler)
@@ -82,11 +86,13 @@ def main() -> None:
         fd = R.frechet_distance(f_real, Fe.featnet_features(net, samples)[0])
         fd_pca = R.frechet_distance(p_real, Fe.pca_features(pca, samples))
         acc = c2st(samples, real, seed=args.seed, groups_b=subject[test_sel])["accuracy"]
-        defaults = model.sampler_settings()
-        guide, guidance = guide or defaults.get("guide"), defaults.get("guidance") if guidance is None else guidance
-        passes = steps * (2 if solver == "heun" else 1)  # velocity evaluations; guidance != 0, 1 doubles them
-        row = {**sampler, "guide": guide, "guidance": guidance,
-               "network_passes": passes * (2 if guidance not in (0.0, 1.0) else 1),
+        used = model.sampler_settings(**sampler)
+        if sampler["sampler"] == "student":  # K Euler steps of one network
+            passes = used["steps"]
+        else:  # velocity evaluations; guidance other than 0 and 1 evaluates two networks
+            passes = used["steps"] * (2 if used["solver"] == "heun" else 1)
+            passes *= 2 if used["guidance"] not in (0.0, 1.0) else 1
+        row = {**used, "network_passes": passes,
                "slices_per_s": round(speed, 1), "fd_featnet_ratio": fd / floor["fd_featnet"],
                "fd_pca64_ratio": fd_pca / floor["fd_pca64"], "c2st_acc": acc}
         rows.append(row)

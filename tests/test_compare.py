@@ -48,3 +48,33 @@ def test_mean_ci():
     m, lo, hi = mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and lo < 2.0 < hi and hi - 2.0 == pytest.approx(2.0 - lo)
     assert mean_ci([5.0])[0] == 5.0
+
+
+def test_included_models_are_evaluated_on_the_same_store_not_trained(tiny_store, tmp_path, monkeypatch):
+    import brainvae.evaluate.run_eval as run_eval
+    from brainvae.train.engine import train
+    from brainvae.config import RunConfig, load_config
+
+    configs = write_configs(tmp_path)
+    finished = tmp_path / "elsewhere"
+    train(finished, tiny_store, load_config(RunConfig, configs[0]), progress=False)
+    calls = []
+
+    def fake_evaluate(run, store, out, n, seed, force, progress):  # what compare asks of `evaluate`
+        calls.append((str(run), str(store), n, seed))
+        out.mkdir(parents=True)
+        fd = {"ae": 3.0, "vae": 2.0}.get(run.name[:-3], 5.0)  # the included model is the worst
+        (out / "metrics.json").write_text(json.dumps({"realism": {"featnet": {"fd": {"ratio": fd}}}}))
+
+    monkeypatch.setattr(run_eval, "evaluate_run", fake_evaluate)
+    stamp = (finished / "summary.json").stat().st_mtime_ns
+    board = compare(configs, tiny_store, tmp_path / "cmp", steps=3, n_eval=50, progress=False,
+                    log=lambda *_: None, include=[str(finished)])
+    assert list(board["config"]) == ["vae", "ae", "elsewhere"]  # ranked configs first, then the reference
+    assert list(board["included"]) == [False, False, True] and board["fd_featnet_ratio"].iloc[-1] == 5.0
+    assert calls[-1] == (str(finished), str(tiny_store), 50, 0)
+    assert (tmp_path / "cmp" / "included" / "elsewhere" / "eval" / "metrics.json").exists()
+    assert (finished / "summary.json").stat().st_mtime_ns == stamp  # not trained again
+    assert not (finished / "eval").exists()  # its evaluation lives in the comparison folder
+    with pytest.raises(BrainVAEError, match="no such run"):
+        compare(configs, tiny_store, tmp_path / "c2", steps=3, progress=False, include=["nowhere"])

@@ -17,7 +17,7 @@ from brainvae.export import export_model, training_lines
 from brainvae.generate import load, sample_images
 from brainvae.models.base import DiagonalGaussian
 from brainvae.models.flow import FlowConfig, FlowPrior
-from brainvae.models.ldm import LatentBatches, zero_background
+from brainvae.models.ldm import LatentBatches, TeacherPaths, zero_background
 from brainvae.models.registry import build
 from brainvae.models.scoring import ScoreBatch
 from brainvae.train.engine import train
@@ -32,9 +32,10 @@ def run_cfg(**train) -> RunConfig:
     return RunConfig(model=TINY_LDM, train=TrainConfig(**{**base, **train}), stages={"prior": {"share": 0.5}})
 
 
-def test_flow_matching_recovers_a_toy_distribution():
-    """A 1-channel 2x2 'latent' whose pixels are drawn from two clusters at +-2 (per sample, shared by all
-    pixels): after training, samples land near the clusters in the right proportion, not at the mean."""
+@pytest.fixture(scope="module")
+def toy_flow() -> FlowPrior:
+    """A flow trained on a 1-channel 2x2 'latent' whose pixels are drawn from two clusters at +-2 (per sample,
+    shared by all pixels), sampled in 20 Euler steps."""
     torch.manual_seed(0)
     prior = FlowPrior(FlowConfig(widths=(32,), blocks=2, patch=1, attention=False, emb_dim=32, steps=20),
                       (1, 2, 2), ())
@@ -46,9 +47,49 @@ def test_flow_matching_recovers_a_toy_distribution():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    z = prior.sample(400, None, torch.Generator().manual_seed(1), torch.device("cpu")).mean((1, 2, 3))
+    return prior.requires_grad_(False)
+
+
+def test_flow_matching_recovers_a_toy_distribution(toy_flow):
+    """Samples land near the two clusters in the right proportion, not at the mean."""
+    z = toy_flow.sample(400, None, torch.Generator().manual_seed(1), torch.device("cpu")).mean((1, 2, 3))
     assert (z.abs() > 1.2).float().mean() > 0.8  # bimodal: most samples near +-2, few near 0
     assert 0.3 < (z > 0).float().mean() < 0.7
+
+
+def test_a_distilled_student_reaches_the_teachers_samples_in_two_steps(toy_flow):
+    """The toy flow as the teacher (20 Euler steps); a copy of it trained with ``distill_loss`` on the
+    teacher's paths lands, in 2 Euler steps, much nearer the teacher's samples from the same noise than the
+    teacher's own 2-step sampler does."""
+    import copy
+
+    teacher = toy_flow
+    torch.manual_seed(0)
+
+    def path(eps):  # the teacher at the student's times 1, 0.5, 0: (B, 3, 1, 2, 2)
+        half = teacher.integrate(eps, 1.0, None, 10, solver="euler", t_end=0.5)
+        return torch.stack([eps, half, teacher.integrate(half, 0.5, None, 10, solver="euler")], 1)
+
+    eps = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(5))
+    target = path(eps)
+    assert teacher.distill_loss(path(eps[:8]), None).shape == (8,)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(300):
+        loss = student.distill_loss(path(torch.randn(128, 1, 2, 2)), None).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        distilled = student.integrate(eps, 1.0, None, 2, solver="euler")
+        few_step = teacher.integrate(eps, 1.0, None, 2, solver="euler")
+    err_student = (distilled - target[:, -1]).pow(2).mean()
+    err_teacher = (few_step - target[:, -1]).pow(2).mean()
+    assert err_student < 0.4 * err_teacher, (err_student, err_teacher)  # measured 0.045 vs 0.156
+    # distill_loss follows the student's own K-step Euler sampler: on that sampler's path its loss is zero
+    own = torch.stack([eps, teacher.integrate(eps, 1.0, None, 1, solver="euler", t_end=0.5),
+                       teacher.integrate(eps, 1.0, None, 2, solver="euler")], 1)
+    assert teacher.distill_loss(own, None).abs().max() < 1e-8
 
 
 def test_guidance_zero_is_the_unconditional_sampler_and_one_the_conditional():
@@ -115,7 +156,7 @@ def test_stages_train_in_order_and_resume_across_the_hand_over(tiny_store, tmp_p
     export_model(cut, tmp_path / "exported", model_overrides={"prior": {"steps": 3, "solver": "euler"}})
     exported, original = load(tmp_path / "exported"), load(cut)
     assert exported.sampler_settings() == {"steps": 3, "solver": "euler", "guidance": 1.0, "guide": "unconditional",
-                                           "background": 0.0}
+                                           "sampler": "prior", "background": 0.0}
     assert original.sampler_settings()["steps"] == 16
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
     assert "steps = 3" in (tmp_path / "exported" / "config.toml").read_text()
@@ -205,6 +246,89 @@ def test_guide_stage_trains_a_weak_network_for_autoguidance_on_a_model_without_o
                          init={"from": str(first), "start": "prior"})
     with pytest.raises(BrainVAEError, match="missing"):
         train(tmp_path / "third", tiny_store, no_stage, progress=False)
+
+
+def test_distill_stage_trains_a_few_step_student_of_the_prior_sampler(tiny_store, tmp_path):
+    first = tmp_path / "first"
+    train(first, tiny_store, run_cfg(steps=8), progress=False)
+    with_student = {**TINY_LDM, "prior": {**TINY_LDM["prior"], "steps": 4}, "student": {**TINY_LDM["prior"],
+                                                                                         "steps": 2}}
+    cfg = RunConfig(model={**with_student, "sampler": "student"}, train=run_cfg(steps=8).train,
+                    stages={"prior": {"share": 0.25}, "distill": {"share": 0.25, "steps": 4, "lr": 1e-2}},
+                    init={"from": str(first), "start": "distill"})
+    summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == ["autoencoder", "prior", "distill"]
+    before, after = load(first), load(tmp_path / "second")
+    assert all(torch.equal(v, before.flow.state_dict()[k]) for k, v in after.flow.state_dict().items())
+    assert all(torch.equal(v, before.autoencoder.state_dict()[k]) for k, v in after.autoencoder.state_dict().items())
+    # started from the prior's weights (its zero-initialised head included), then trained away from them
+    assert bool(after.student_trained) and after.student.net.head[-1].weight.abs().sum() > 0
+    assert not torch.equal(after.student.net.head[-1].weight, after.flow.net.head[-1].weight)
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/distill" in r for r in rows) and any("val/distill" in r for r in rows)
+
+    # the default sampler is the student's 2 Euler steps; the prior's sampler stays available
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    cond = {"age": 60.0, "sex": -1.0, "position": 0.5}
+    z = after.student.sample(3, after.given_cond(3, cond), g(), torch.device("cpu"))
+    assert torch.allclose(after.sample(3, cond, g()), after.decode(after._unstandardise(z)))
+    assert not torch.allclose(after.sample(3, cond, g()), after.sample(3, cond, g(), sampler="prior"), atol=1e-4)
+    with pytest.raises(BrainVAEError, match="own 2 Euler steps"):
+        after.sample(2, cond, g(), steps=8)
+    with pytest.raises(BrainVAEError, match="distilled network"):  # a model without a student
+        sample_images(before, 2, None, seed=0, sampler={"sampler": "student"})
+    with pytest.raises(BrainVAEError, match="sampler must be one of"):
+        sample_images(after, 2, None, seed=0, sampler={"sampler": "fast"})
+    done = CliRunner().invoke(app, ["sample", str(tmp_path / "second"), "-n", "2", "--out", str(tmp_path / "s")])
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())["sampler"]
+    assert meta["sampler"] == "student" and meta["steps"] == 2 and meta["distilled_from"]["steps"] == 4
+    done = CliRunner().invoke(app, ["sample", str(tmp_path / "second"), "-n", "2", "--sampler", "prior",
+                                    "--steps", "2", "--out", str(tmp_path / "p")])
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())["sampler"]
+    assert meta["sampler"] == "prior" and meta["steps"] == 2 and "distilled_from" not in meta
+
+
+def test_teacher_paths_keep_the_conditions_the_teacher_sampled_under(tiny_store):
+    from brainvae.data.dataset import SliceBatches
+    from brainvae.data.store import SliceStore
+
+    config = {k: v for k, v in TINY_LDM.items() if k != "arch"}
+    model = build("ldm", {**config, "prior": {**config["prior"], "drop_key": 0.5, "steps": 2},
+                          "student": {**config["prior"], "steps": 2}}).eval()
+    seen = []
+
+    def teacher_path(eps, c):  # records what the teacher was asked to sample
+        seen.append(c)
+        return torch.stack([eps, eps, eps], 1)
+
+    model.teacher_path = teacher_path
+    data = SliceBatches(SliceStore(tiny_store), "train", 32)
+    paths = TeacherPaths(data, model, repeats=2, seed=0, batch_size=5)
+    assert len(paths) == 2 * len(data) and paths.paths.shape[1:] == (3, 4, 8, 8)
+    rows = np.arange(len(paths))
+    x, cond = paths.batch(rows)
+    asked = torch.cat(seen)
+    assert torch.equal(model.flow.cond_inputs(cond, len(rows), torch.device("cpu")), asked)
+    k = len(model.flow.keys)
+    assert 0 < asked[:, k:].mean() < 1  # some conditions hidden, not all
+    assert not torch.equal(x[:len(data), 0], x[len(data):, 0])  # each repeat draws its own noise
+    again = TeacherPaths(data, model, repeats=2, seed=0, batch_size=7)  # --resume remakes the same paths
+    assert torch.equal(again.paths, paths.paths)
+    assert all(torch.equal(again.cond[key].nan_to_num(-9), paths.cond[key].nan_to_num(-9)) for key in paths.cond)
+
+
+def test_student_config_errors_are_clear():
+    prior = {**TINY_LDM["prior"], "steps": 8}
+    with pytest.raises(BrainVAEError, match="needs a distilled network"):
+        RunConfig(model={**TINY_LDM, "sampler": "student"})
+    with pytest.raises(BrainVAEError, match="must divide"):
+        RunConfig(model={**TINY_LDM, "prior": prior, "student": {"steps": 3}})
+    with pytest.raises(BrainVAEError, match="cannot set"):
+        RunConfig(model={**TINY_LDM, "prior": prior, "student": {"guidance": 2.0}})
+    with pytest.raises(BrainVAEError, match="\\[model.student\\]"):
+        build("ldm", {k: v for k, v in TINY_LDM.items() if k != "arch"}).set_stage("distill")
 
 
 def test_weak_guide_config_needs_a_guide_network():

@@ -285,18 +285,18 @@ def test_tune_runs_trials_and_writes_results(tiny_store, tmp_path):
     (False, True, torch.bfloat16),
 ])
 def test_auto_precision_follows_native_cpu_bf16(monkeypatch, avx512_bf16, amx, expected):
+    from brainvae import hardware
     from brainvae.generate import sample_images
     from brainvae.models.registry import build
-    from brainvae.train import engine
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     cpu = torch.device("cpu")
-    assert engine.autocast_dtype("auto", cpu) is expected
-    assert engine.autocast_dtype("fp32", cpu) is None
-    assert engine.autocast_dtype("bf16", cpu) is torch.bfloat16  # an explicit request is honoured
+    assert hardware.autocast_dtype("auto", cpu) is expected
+    assert hardware.autocast_dtype("fp32", cpu) is None
+    assert hardware.autocast_dtype("bf16", cpu) is torch.bfloat16  # an explicit request is honoured
     # sampling takes the same decision: fp32 sampling gives bit-identical repeats of the fp32 path
     model = build("vae", {"image_size": 32, "channels": (8, 16), "latent_dim": 4}).eval()
     auto = sample_images(model, 4, None, seed=1, precision="auto")
@@ -305,14 +305,14 @@ def test_auto_precision_follows_native_cpu_bf16(monkeypatch, avx512_bf16, amx, e
 
 
 def test_auto_precision_is_fp32_when_torch_is_held_to_avx2(monkeypatch):
-    from brainvae.train import engine
+    from brainvae import hardware
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+    assert hardware.autocast_dtype("auto", torch.device("cpu")) is None
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+    assert hardware.autocast_dtype("auto", torch.device("cpu")) is None
 
 
 EPOCHS = 12  # a few seconds of training: long enough to be signalled at epoch 2, short enough to resume

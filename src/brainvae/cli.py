@@ -352,6 +352,9 @@ Solver = Annotated[Optional[str], typer.Option(help="euler or heun (ldm; default
 Guide = Annotated[Optional[str], typer.Option(
     help="What guidance extrapolates away from (ldm): unconditional (classifier-free guidance: sharper "
          "conditions) or weak (autoguidance with the model's weak network: fewer of its errors). Default from its config.")]
+Sampler = Annotated[Optional[str], typer.Option(
+    help="prior (its solver, with --steps, --guidance, --solver, --guide) or student (ldm: the distilled "
+         "few-step network, where the model has one). Default from its config.")]
 
 
 @app.command("compare")
@@ -366,6 +369,9 @@ def compare_cmd(
     seeds: Annotated[int, typer.Option(help="Seeds per config (confidence intervals when > 1).")] = 1,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per evaluation.")] = 1000,
     evaluate: Annotated[bool, typer.Option(help="Evaluate each run (brainvae evaluate).")] = True,
+    include: Annotated[Optional[list[str]], typer.Option(
+        "--include", help="A finished run or shipped model (e.g. ixi-t1-128) to evaluate on the same store and "
+                          "list below the board as a reference, not trained again (repeatable).")] = None,
     overrides: Overrides = None, device: Device = "auto", force: Force = False, quiet: Quiet = False,
     log_file: LogFile = None,
 ) -> None:
@@ -383,7 +389,7 @@ def compare_cmd(
             save_config(cfg, path)
     with log_to(log_file, out):
         board = compare(paths, data, out, budget=budget, steps=steps, seeds=seeds, n_eval=n, device=device,
-                        evaluate=evaluate, force=force, progress=not quiet, log=say)
+                        evaluate=evaluate, force=force, progress=not quiet, log=say, include=include or [])
         say(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         say(f"leaderboard -> {out / 'leaderboard.csv'}")
 
@@ -396,6 +402,7 @@ def sample_cmd(
     age: Age = None, sex: Sex = None, position: Position = None, seed: int = 0,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None, guide: Guide = None,
+    sampler: Sampler = None,
     device: Device = "auto", force: Force = False,
 ) -> None:
     """Generate new slices: PNG grid, one greyscale PNG each, NIfTI (images along axis 4), .npy, meta.json."""
@@ -411,9 +418,9 @@ def sample_cmd(
     cond = G.conditions(model, age, sex, position)
     if warning := RunDir.resolve(run).age_warning(age):
         typer.secho(f"warning: {warning}", fg="yellow", err=True)
-    sampler = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide}
-    images = G.sample_images(model, n, cond, seed, sampler=sampler)
-    G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, sampler), force=force)
+    options = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide, "sampler": sampler}
+    images = G.sample_images(model, n, cond, seed, sampler=options)
+    G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, options), force=force)
     typer.echo(f"{n} samples -> {out}")
 
 
@@ -484,6 +491,7 @@ def evaluate_cmd(
     split: Annotated[str, typer.Option(help="Real slices to measure against: test (to report) or val (to tune; "
                                             "default output RUN/eval-val).")] = "test",
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None, guide: Guide = None,
+    sampler: Sampler = None,
     device: Device = "auto", force: Force = False, quiet: Quiet = False, log_file: LogFile = None, resize: Resize = False,
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
@@ -501,7 +509,8 @@ def evaluate_cmd(
         metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force,
                                progress=not quiet, featnet_steps=featnet_steps, predictor_steps=predictor_steps,
                                device=resolve_device(device), split=split,
-                               sampler={"steps": steps, "guidance": guidance, "solver": solver, "guide": guide})
+                               sampler={"steps": steps, "guidance": guidance, "solver": solver, "guide": guide,
+                                        "sampler": sampler})
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}"

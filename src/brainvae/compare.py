@@ -10,8 +10,14 @@ The comparison folder is resumable: a finished run (``summary.json`` present)
 or evaluation (``eval/metrics.json``) is reused, an interrupted run resumes
 from its last checkpoint; ``force`` starts everything afresh.
 
+``include``: models trained elsewhere (run folders or shipped names, e.g. the
+pretrained ``ixi-t1-128``) join the board as reference rows, evaluated on the
+same store, split, n and seed, not trained again; their training figures come
+from their own summary.json, so they are not held to the budget.
+
     OUT/<config stem>-s<seed>/      one run folder per (config, seed), with eval/
-    OUT/leaderboard.csv|json        mean (and CI) per config
+    OUT/included/<name>/eval/       the evaluation of an included model
+    OUT/leaderboard.csv|json        mean (and CI) per config, then the included models
 """
 
 from __future__ import annotations
@@ -99,12 +105,30 @@ def _train_one(cfg_path: Path, run: RunDir, store: Path, seed: int, budget: str 
     return train(run.path, store, cfg, device=device, resume=resume, force=force, progress=progress)
 
 
+def _evaluated(run_path: Path, eval_dir: Path, store: Path, n_eval: int, seed: int, force: bool,
+               progress: bool) -> dict:
+    """metrics.json of ``evaluate`` on the store's test split, reused when present (unless ``force``)."""
+    metrics_file = eval_dir / "metrics.json"  # evaluate's own output layout
+    if force or not metrics_file.exists():
+        from .evaluate.run_eval import evaluate_run
+
+        evaluate_run(run_path, store, out=eval_dir, n=n_eval, seed=seed, force=True, progress=progress)
+    return json.loads(metrics_file.read_text())
+
+
 def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None = None, steps: int | None = None,
             seeds: int = 1, n_eval: int = 1000, device: str = "auto", evaluate: bool = True,
-            force: bool = False, progress: bool = True, log=print) -> pd.DataFrame:
-    """Train and evaluate every config; returns the leaderboard (one row per config, best first)."""
+            force: bool = False, progress: bool = True, log=print, include: list[str] = ()) -> pd.DataFrame:
+    """Train and evaluate every config; returns the leaderboard (one row per config, best first, then the
+    ``include``d models)."""
     if not configs:
         raise BrainVAEError("compare needs at least one config")
+    included = [RunDir.resolve(name) for name in include]  # refuses an unknown name before any training
+    for run in included:
+        if not run.summary_file.exists():
+            raise BrainVAEError(f"{run.path}: --include takes a finished run (no summary.json there)")
+        if not evaluate:
+            raise BrainVAEError("--include adds evaluated models to the board: drop --no-evaluate")
     if budget is None and steps is None:
         raise BrainVAEError("compare needs a --budget (e.g. 20m) or --steps so every model gets the same")
     if seeds < 1:
@@ -130,21 +154,29 @@ def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None =
             summary = _train_one(Path(cfg_path), run, store, seed, budget, steps, device, force, progress)
             metrics = None
             if evaluate:
-                metrics_file = run.eval_dir / "metrics.json"  # evaluate's own output layout
-                if force or not metrics_file.exists():
-                    from .evaluate.run_eval import evaluate_run
-
-                    log(f"[compare] {stem} seed {seed}: evaluating")
-                    evaluate_run(run.path, store, out=run.eval_dir, n=n_eval, seed=seed, force=True,
-                                 progress=progress)
-                metrics = json.loads(metrics_file.read_text())
+                log(f"[compare] {stem} seed {seed}: evaluation -> {run.eval_dir}")
+                metrics = _evaluated(run.path, run.eval_dir, store, n_eval, seed, force, progress)
             rows.append({"config": stem, "arch": summary.get("arch"), "seed": seed, "run": str(run.path),
                          **headline(summary, metrics)})
 
     per_run = pd.DataFrame(rows)
     board = _aggregate(per_run, seeds)
+    extra = []
+    for run in included:
+        eval_dir = out / "included" / run.name / "eval"
+        log(f"[compare] {run.name} (included, not trained here): evaluation -> {eval_dir}")
+        metrics = _evaluated(run.path, eval_dir, store, n_eval, 0, force, progress)
+        summary = run.summary()
+        extra.append({"config": run.name, "arch": summary.get("arch"), "seed": None, "run": str(run.path),
+                      "included": True, **headline(summary, metrics)})
+    if extra:  # below the ranked configs, as references
+        ranked_by = board.attrs["ranked_by"]
+        per_run = pd.concat([per_run.assign(included=False), pd.DataFrame(extra)], ignore_index=True)
+        board = pd.concat([board.assign(included=False), pd.DataFrame(extra).drop(columns=["seed", "run"])],
+                          ignore_index=True).dropna(axis=1, how="all")
+        board.attrs["ranked_by"] = ranked_by
     _write(out, per_run, board, dict(configs=[str(c) for c in configs], store=str(store), budget=budget,
-                                     steps=steps, seeds=seeds, n_eval=n_eval))
+                                     steps=steps, seeds=seeds, n_eval=n_eval, include=[str(i) for i in include]))
     return board
 
 

@@ -54,7 +54,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
     (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last), through
     ``model.generate``, which checks the conditions and the ``sampler`` options (those of a model with a learned
     prior, ``model.sample_options``: e.g. steps, guidance, solver)."""
-    from .train.engine import autocast_dtype
+    from .hardware import autocast_dtype
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
@@ -133,9 +133,8 @@ def sample_meta(run: str | Path, model, n: int, seed: int, cond: dict | None, sa
     sexes = {1.0: "M", -1.0: "F", 0.0: "unknown"}
     used = {k: (sexes[cond[k]] if k == "sex" else cond[k]) if k in cond else "not given"
             for k in model.config.conditions}
-    given = {k: v for k, v in (sampler or {}).items() if v is not None}
     return {"run": str(run), "checkpoint": describe_checkpoint(checkpoint_path(run)), "n": n, "seed": seed,
-            "cond": used, "sampler": {**model.sampler_settings(), **given}}
+            "cond": used, "sampler": model.sampler_settings(**(sampler or {}))}
 
 
 def export_samples(images: np.ndarray, out: Path, spacing: float, meta: dict, *, force: bool = False) -> Path:

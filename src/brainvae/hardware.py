@@ -35,6 +35,25 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(check()) for check in checks if check is not None)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: on CUDA bf16 where supported, else fp16; on CPU bf16
+    only with native bf16 instructions (AVX-512-BF16 / AMX), else fp32 (emulated bf16 is ~35x slower)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def fast_autocast(device: torch.device):
+    """Autocast for inference at ``precision = "auto"`` (``autocast_dtype``): bf16 on CUDA and on CPUs with native
+    bf16, else fp32 (a disabled autocast)."""
+    dtype = autocast_dtype("auto", device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @functools.cache
 def cpu_model() -> str:
     """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""

@@ -22,6 +22,7 @@ class SliceBatches:
 
     def __init__(self, store: SliceStore, split: str | None, image_size: int, device: torch.device | str = "cpu"):
         self.store = store
+        self.split = split
         self.rows = store.indices(split)
         if len(self.rows) == 0:
             raise BrainVAEError(f"{store.path}: split {split!r} has no slices")

@@ -163,7 +163,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
     all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the
     additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast
     as in training (``auto``: bf16 where native)."""
-    from ..train.engine import autocast_dtype
+    from ..hardware import autocast_dtype
 
     gen = torch.Generator(device=model.device).manual_seed(seed)
     use_cond = bool(model.config.conditions)

@@ -289,9 +289,10 @@ class BrainModel(nn.Module):
         self.sampler_defaults = {**self.sampler_defaults, **options}
         return self
 
-    def sampler_settings(self) -> dict:
-        """The options ``sample`` uses when given none (empty for models without sampling options)."""
-        return dict(self.sampler_defaults)
+    def sampler_settings(self, **options) -> dict:
+        """The options ``sample`` uses when given ``options`` (None = not given; empty for models without
+        sampling options)."""
+        return {**self.sampler_defaults, **self.check_sample_options(options)}
 
     def check_sample_options(self, options: dict | None) -> dict:
         """The given sampling options without None values; unknown ones are a BrainVAEError."""

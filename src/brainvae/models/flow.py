@@ -199,10 +199,11 @@ class FlowPrior(nn.Module):
             values.append(Conditioning.standardise({key: v}, (key,))[:, 0])  # NaN -> 0
         return torch.cat([torch.stack(values, 1), torch.stack(missing, 1)], 1)
 
-    def _hide(self, c: Tensor) -> Tensor:
+    def _hide(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Training-time condition dropout: hide each key with p = drop_key, all keys with p = drop_all."""
         k = len(self.keys)
-        u = torch.rand(len(c), k + 1, device=c.device)
+        u = (torch.rand(len(c), k + 1, device=c.device) if generator is None
+             else torch.rand(len(c), k + 1, generator=generator, device=generator.device).to(c.device))
         hide = (u[:, :k] < self.cfg.drop_key) | (u[:, k:] < self.cfg.drop_all) | (c[:, k:] > 0)
         return torch.cat([c[:, :k].masked_fill(hide, 0.0), hide.float()], 1)
 
@@ -258,19 +259,39 @@ class FlowPrior(nn.Module):
     @torch.no_grad()
     def integrate(self, z: Tensor, t_start: float, c: Tensor | None, steps: int | None = None,
                   guidance: float | None = None, solver: str | None = None, weak: "FlowPrior | None" = None,
-                  ) -> Tensor:
-        """Integrate dz/dt = v from ``t_start`` (z: (B, C, s, s) on the path at that time) to data at t = 0 in
-        ``steps`` equal steps; ``c`` from ``cond_inputs``. Sampling starts at t = 1 (noise); restoring a latent
-        moved part-way towards noise starts at that t."""
+                  t_end: float = 0.0) -> Tensor:
+        """Integrate dz/dt = v from ``t_start`` (z: (B, C, s, s) on the path at that time) to ``t_end`` (data at
+        t = 0) in ``steps`` equal steps; ``c`` from ``cond_inputs``. Sampling starts at t = 1 (noise); restoring a
+        latent moved part-way towards noise starts at that t."""
         steps = steps or self.cfg.steps
         guidance = self.cfg.guidance if guidance is None else guidance
         solver = solver or self.cfg.solver
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        ts = torch.linspace(t_start, 0.0, steps + 1).tolist()
+        ts = torch.linspace(t_start, t_end, steps + 1).tolist()
         for t, t_next in zip(ts, ts[1:]):
             v = self.guided_velocity(z, t, c, guidance, weak)
             if solver == "heun":
                 v = 0.5 * (v + self.guided_velocity(z + (t_next - t) * v, t_next, c, guidance, weak))
             z = z + (t_next - t) * v
         return z
+
+    # -- distillation -------------------------------------------------------------------------------
+    def distill_loss(self, path: Tensor, c: Tensor | None) -> Tensor:
+        """Few-step distillation loss per sample (B,) of this network as a student sampler.
+
+        ``path`` (B, K + 1, C, s, s): a teacher's sampling path at the student's times 1, 1 - 1/K, ..., 0, from
+        its noise ``path[:, 0]``; ``c`` the conditions the teacher sampled under. The student takes its own K
+        Euler steps from the same noise (exactly as ``sample`` with ``steps = K``, ``solver = "euler"``,
+        ``guidance = 1``), each from where its previous step landed, and is pulled towards the teacher's point at
+        every step: || z_k - path_k ||^2 summed over the latent, averaged over the K steps. Gradients flow through
+        the whole unrolled chain, so the student learns to correct its own earlier steps (Luhman & Luhman 2021
+        regress the one-step case).
+        """
+        k_steps = path.shape[1] - 1
+        z, loss = path[:, 0], 0.0
+        for k in range(k_steps):
+            t, t_next = 1 - k / k_steps, 1 - (k + 1) / k_steps
+            z = z + (t_next - t) * self.velocity(z, torch.full((len(z),), t, device=z.device), c)
+            loss = loss + (z - path[:, k + 1]).pow(2).flatten(1).sum(1)
+        return loss / k_steps

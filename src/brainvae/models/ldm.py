@@ -25,6 +25,10 @@ Stable Diffusion 3 (Esser et al. 2024):
    (``[model.guide]``; on IXI the prior's own network trained for a third as long worked, a smaller one made
    samples worse) on the same latents, for autoguidance at sampling (``guide = "weak"``, Karras et al. 2024):
    samples are pushed away from the weak network's errors.
+5. ``distill`` stage (optional: ``[stages.distill]``): a student flow network (``[model.student]``, started from
+   the prior's weights) learns to reach in K Euler steps (``steps``, e.g. 2) where the prior's own sampler (its
+   ``[model.prior]`` steps, solver, guidance and guide: e.g. 8 Heun steps with autoguidance, 30 network passes)
+   lands from the same noise and conditions (``TeacherPaths``). ``sampler = "student"`` samples with it.
 
 One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``, ``[model.guide]``),
 one run folder; the engine trains the stages in order (``RunConfig.stage_plan``).
@@ -43,6 +47,7 @@ from torch import Tensor, nn
 
 from ..config import check, from_dict
 from ..errors import BrainVAEError
+from ..hardware import fast_autocast
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import GUIDES, FlowConfig, FlowPrior
 from .registry import register
@@ -53,7 +58,8 @@ from .scoring import SMOOTH_SIGMA, Score, ScoreBatch, gaussian_blur
 AUTOENCODER_DEFAULTS = {"channels": (64, 128), "patch": 2, "enc_blocks": 1, "dec_blocks": 2, "latent_channels": 4,
                         "beta": 0.01, "prior": "standard", "adv_weight": 0.5, "adv_start": 1500, "fm_weight": 1.0}
 _FIXED = ("image_size", "conditions", "prior")  # set by the ldm itself
-_FLOW_STAGES = ("prior", "guide")  # stages that train a flow network on the frozen autoencoder's latents
+_FLOW_STAGES = ("prior", "guide", "distill")  # stages that train a flow network, the autoencoder frozen
+SAMPLERS = ("prior", "student")  # sample with the prior's solver (steps, guidance, guide) or the distilled student
 
 
 def zero_background(x: Tensor, threshold: float, min_share: float = 0.05) -> Tensor:
@@ -112,6 +118,48 @@ class LatentBatches:
         return self.source.epoch_order(seed, epoch, rank, world)
 
 
+class TeacherPaths:
+    """The distill stage's data (``LDM.stage_data``): the teacher sampler's paths, made once when the stage
+    starts (and remade identically on ``--resume``: fixed seeds).
+
+    Each of the split's slices gives ``repeats`` rows: its conditions, each hidden as in the prior's training
+    (``drop_key`` / ``drop_all``, so the student also learns the marginal samplers), a fresh noise draw, and the
+    teacher's path from that noise at the student's times 1, 1 - 1/K, ..., 0: (K + 1, C, s, s) per row.
+    ``batch(rows)`` returns the paths (B, K + 1, C, s, s) and the conditions as a cond dict, a hidden value
+    unknown (age and position NaN, sex 0), which ``FlowPrior.cond_inputs`` turns back into the same inputs.
+    """
+
+    def __init__(self, data, model: "LDM", repeats: int, seed: int, batch_size: int = 128):
+        self.source, self.device = data, data.device
+        flow, n = model.flow, len(data)
+        g = torch.Generator().manual_seed(seed)
+        rows = np.tile(np.arange(n), repeats)
+        cond = {k: data.cond[k][rows].clone() for k in flow.keys}  # (N * repeats,) raw values
+        c = flow._hide(flow.cond_inputs(cond, len(rows), torch.device("cpu")), g) if flow.keys else None
+        for i, key in enumerate(flow.keys):  # record what is hidden in the raw values
+            cond[key] = cond[key].masked_fill(c[:, len(flow.keys) + i] > 0, 0.0 if key == "sex" else float("nan"))
+        self.cond = cond
+        eps = torch.randn((len(rows), *flow.latent_shape), generator=g)
+        paths = []
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            paths.append(model.teacher_path(eps[part].to(self.device),
+                                            None if c is None else c[part].to(self.device)).cpu())
+        self.paths = torch.cat(paths)  # (N * repeats, K + 1, C, s, s)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(self, idx) -> tuple[Tensor, dict[str, Tensor]]:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return self.paths[idx].to(self.device), {k: v[idx].to(self.device) for k, v in self.cond.items()}
+
+    def epoch_order(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """A permutation fixed by (seed, epoch); with DDP each rank takes every world-th element."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=g).numpy()[rank::world]
+
+
 @dataclass(frozen=True)
 class LDMConfig(BaseConfig):
     autoencoder: dict = field(default_factory=dict)  # ResVAEConfig fields for stage 1 (over AUTOENCODER_DEFAULTS)
@@ -130,6 +178,12 @@ class LDMConfig(BaseConfig):
     # The weak network for autoguidance (FlowConfig network fields: give the prior's, and train it for fewer steps).
     # Empty: no guide network. Trained by the optional ``guide`` stage ([stages.guide] in the run).
     guide: dict = field(default_factory=dict)
+    # The distilled few-step sampler (FlowConfig network fields and ``steps``, its K Euler steps; default 2).
+    # Empty: none. Trained by the optional ``distill`` stage ([stages.distill]) on ``distill_repeats`` teacher
+    # paths per training slice; ``sampler`` chooses what ``sample`` uses by default.
+    student: dict = field(default_factory=dict)
+    distill_repeats: int = 1
+    sampler: str = "prior"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,6 +200,16 @@ class LDMConfig(BaseConfig):
               "[model.guide] (e.g. the prior's widths) and train it with [stages.guide]")
         if self.guide:
             self.guide_config()
+        check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        check(self.sampler != "student" or self.student, "sampler = \"student\" needs a distilled network: give "
+              "[model.student] and train it with [stages.distill]")
+        check(self.distill_repeats >= 1, "distill_repeats must be >= 1")
+        if self.student:
+            fixed = sorted(set(self.student) & {"solver", "guidance", "guide"})
+            check(not fixed, f"[model.student] cannot set {fixed}: the student takes plain Euler steps")
+            student = self.student_config()
+            check(prior.steps % student.steps == 0, f"the student's steps ({student.steps}) must divide the "
+                  f"prior's ({prior.steps}): it learns the prior's path at its own step times")
 
     def autoencoder_config(self) -> ResVAEConfig:
         values = {**AUTOENCODER_DEFAULTS, **self.autoencoder, "image_size": self.image_size}
@@ -157,15 +221,19 @@ class LDMConfig(BaseConfig):
     def guide_config(self) -> FlowConfig:
         return from_dict(FlowConfig, dict(self.guide), "[model.guide]")
 
+    def student_config(self) -> FlowConfig:
+        values = {"steps": 2, **self.student, "solver": "euler", "guidance": 1.0, "guide": "unconditional"}
+        return from_dict(FlowConfig, values, "[model.student]")
+
 
 @register("ldm", LDMConfig)
 class LDM(BrainModel):
     config: LDMConfig
-    stages = ("autoencoder", "prior", "decoder", "guide")
-    optional_stages = ("decoder", "guide")
-    stage_owned = {"guide": "guide"}
+    stages = ("autoencoder", "prior", "decoder", "guide", "distill")
+    optional_stages = ("decoder", "guide", "distill")
+    stage_owned = {"guide": "guide", "distill": "student"}
     unselected_stages = ("decoder",)
-    sample_options = ("steps", "guidance", "solver", "guide")
+    sample_options = ("steps", "guidance", "solver", "guide", "sampler")
 
     def __init__(self, config: LDMConfig):
         super().__init__(config)
@@ -175,6 +243,9 @@ class LDM(BrainModel):
         self.guide = FlowPrior(config.guide_config(), shape, tuple(config.conditions)) if config.guide else None
         if self.guide is not None:  # set when the guide stage starts: an untrained guide would steer at random
             self.register_buffer("guide_trained", torch.tensor(False))
+        self.student = FlowPrior(config.student_config(), shape, tuple(config.conditions)) if config.student else None
+        if self.student is not None:  # set when the distill stage starts
+            self.register_buffer("student_trained", torch.tensor(False))
         self.register_buffer("latent_mean", torch.zeros(shape[0]))
         self.register_buffer("latent_std", torch.ones(shape[0]))
         self.stage = "autoencoder"
@@ -189,6 +260,9 @@ class LDM(BrainModel):
         if name == "guide" and self.guide is None:
             raise BrainVAEError("the ldm guide stage trains the weak network of [model.guide]: give it "
                                 "(e.g. the prior's widths)")
+        if name == "distill" and self.student is None:
+            raise BrainVAEError("the ldm distill stage trains the student of [model.student]: give it "
+                                "(e.g. steps = 2)")
         self.stage = name
         self.autoencoder.requires_grad_(name in ("autoencoder", "decoder"))
         for frozen in self._encoder_side():
@@ -196,6 +270,8 @@ class LDM(BrainModel):
         self.flow.requires_grad_(name == "prior")
         if self.guide is not None:
             self.guide.requires_grad_(name == "guide")
+        if self.student is not None:
+            self.student.requires_grad_(name == "distill")
         self.step = self.step  # the decoder stage's adversarial term is on from its first step
         self.train(self.training)
 
@@ -214,9 +290,16 @@ class LDM(BrainModel):
     @torch.no_grad()
     def begin_stage(self, name: str, data) -> None:
         """Prior stage: per-channel mean and std of the latents of ``stats_batches`` training batches. Guide
-        stage: the guide counts as trained from here on."""
+        stage: the guide counts as trained from here on. Distill stage: the student starts from the prior's
+        weights (when its network has the prior's shape: at t = 1 the prior already points at the mean latent)
+        and counts as trained from here on."""
         if name == "guide":
             self.guide_trained.fill_(True)
+        if name == "distill":
+            prior = self.flow.state_dict()
+            if {k: v.shape for k, v in prior.items()} == {k: v.shape for k, v in self.student.state_dict().items()}:
+                self.student.load_state_dict(prior)
+            self.student_trained.fill_(True)
         if name != "prior":
             return
         was = self.training
@@ -235,14 +318,33 @@ class LDM(BrainModel):
     @torch.no_grad()
     def stage_data(self, name: str, data):
         """Prior and guide stages: the split encoded once (``LatentBatches``), so a step costs only the velocity
-        network."""
+        network. Distill stage: the teacher's sampling paths from the split's conditions (``TeacherPaths``; the
+        train and validation splits draw from different seeds), made under bf16 autocast where it is native."""
         if name not in _FLOW_STAGES:
             return data
         was = self.training
         self.eval()
-        latents = LatentBatches(data, self.autoencoder.encode, flip=self.config.flip)
+        if name == "distill":
+            seed = 1 if getattr(data, "split", "train") == "train" else 2
+            with fast_autocast(self.device):
+                out = TeacherPaths(data, self, self.config.distill_repeats, seed)
+        else:
+            out = LatentBatches(data, self.autoencoder.encode, flip=self.config.flip)
         self.train(was)
-        return latents
+        return out
+
+    @torch.no_grad()
+    def teacher_path(self, eps: Tensor, c: Tensor | None) -> Tensor:
+        """The prior's own sampler (``[model.prior]`` steps, solver, guidance, guide) from noise ``eps``
+        (B, C, s, s) under inputs ``c``, kept at the student's K + 1 times 1, ..., 0: (B, K + 1, C, s, s)."""
+        k_steps = self.student.cfg.steps
+        weak = self._weak(self.flow.cfg.guide)
+        path, z = [eps], eps
+        for k in range(k_steps):
+            z = self.flow.integrate(z, 1 - k / k_steps, c, self.flow.cfg.steps // k_steps, weak=weak,
+                                    t_end=1 - (k + 1) / k_steps).float()
+            path.append(z)
+        return torch.stack(path, 1)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.stage in _FLOW_STAGES:
@@ -261,7 +363,7 @@ class LDM(BrainModel):
         self.autoencoder.step = max(int(value), start)
 
     def _stage_flow(self) -> FlowPrior:
-        return self.guide if self.stage == "guide" else self.flow
+        return {"guide": self.guide, "distill": self.student}.get(self.stage, self.flow)
 
     def disc_loss(self, x: Tensor, recon: Tensor, cond: Cond = None) -> Tensor:
         return self.autoencoder.disc_loss(x, recon)
@@ -283,6 +385,9 @@ class LDM(BrainModel):
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         if self.stage not in _FLOW_STAGES:  # the autoencoder's loss (its frozen parts get no gradient)
             return self.autoencoder(x, None, kl_scale)
+        if self.stage == "distill":  # x: teacher paths (B, K + 1, C, s, s) from TeacherPaths
+            loss = self.student.distill_loss(x, self.student.cond_inputs(cond, len(x), x.device))
+            return Output(None, None, {"loss": loss, "distill": loss})
         posterior = None
         if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)
             z = x
@@ -295,15 +400,34 @@ class LDM(BrainModel):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None, steps: int | None = None,
-               guidance: float | None = None, solver: str | None = None, guide: str | None = None) -> Tensor:
+               guidance: float | None = None, solver: str | None = None, guide: str | None = None,
+               sampler: str | None = None) -> Tensor:
         """n slices (n, 1, H, W); conditions left out are marginalised (see :mod:`brainvae.models.flow`).
-        Options not given come from ``configure_sampler``, then from ``[model.prior]``."""
-        given = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide}
+        Options not given come from ``configure_sampler``, then from the config (``sampler``, ``[model.prior]``).
+        ``sampler = "student"``: the distilled network's own K Euler steps (steps, guidance, solver and guide are
+        the prior's sampler's options, and are refused with it)."""
+        given = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide, "sampler": sampler}
         options = {**self.sampler_defaults, **{k: v for k, v in given.items() if v is not None}}
-        weak = self._weak(options.pop("guide", self.flow.cfg.guide))
-        z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options, weak=weak)
+        if self._sampler(options.pop("sampler", self.config.sampler)) == "student":
+            if options:
+                raise BrainVAEError(f"the distilled student takes its own {self.student.cfg.steps} Euler steps: "
+                                    f"{sorted(options)} apply to sampler \"prior\" only")
+            z = self.student.sample(n, self.given_cond(n, cond), generator, self.device)
+        else:
+            weak = self._weak(options.pop("guide", self.flow.cfg.guide))
+            z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options, weak=weak)
         x = self.decode(self._unstandardise(z))
         return zero_background(x, self.config.background) if self.config.background > 0 else x
+
+    def _sampler(self, name: str) -> str:
+        """``name`` checked: "prior", or "student" when this model has a trained one."""
+        if name not in SAMPLERS:
+            raise BrainVAEError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+        if name == "student" and (self.student is None or not bool(self.student_trained)):
+            raise BrainVAEError("sampler \"student\" needs the model's distilled network, trained by the ldm "
+                                "distill stage ([model.student] and [stages.distill]); this model has "
+                                + ("none" if self.student is None else "an untrained one"))
+        return name
 
     def _weak(self, guide: str) -> FlowPrior | None:
         """The network guidance extrapolates away from besides the unconditional model: None, or the guide."""
@@ -352,8 +476,13 @@ class LDM(BrainModel):
                     f"(G * (restoration - x))+ averaged over path times {levels}: darker than the prior's healthy "
                     f"restoration, the signed residual smoothed (sigma {SMOOTH_SIGMA:g} px) first")}
 
-    def sampler_settings(self) -> dict:
+    def sampler_settings(self, **options) -> dict:
+        options = {"sampler": self.config.sampler, **super().sampler_settings(**options)}
+        if self._sampler(options["sampler"]) == "student":  # what the student distilled: the prior's own sampler
+            cfg, student = self.flow.cfg, self.student.cfg
+            return {**options, "steps": student.steps, "solver": student.solver,
+                    "distilled_from": {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance,
+                                       "guide": cfg.guide}, "background": self.config.background}
         cfg = self.flow.cfg
         return {"steps": cfg.steps, "solver": cfg.solver, "guidance": cfg.guidance, "guide": cfg.guide,
-                **super().sampler_settings(),
-                "background": self.config.background}
+                **options, "background": self.config.background}

@@ -39,7 +39,7 @@ from ..config import RunConfig, TrainConfig, load_config, save_config, to_dict
 from ..data.dataset import SliceBatches
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
-from ..hardware import cpu_has_native_bf16
+from ..hardware import autocast_dtype
 from ..io.atomic import atomic_dir, atomic_write_bytes, refuse_overlap
 from ..models.registry import build
 from ..progress import bar as progress_bar, say
@@ -58,18 +58,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise BrainVAEError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto``: on CUDA bf16 where supported, else fp16; on CPU bf16
-    only with native bf16 instructions (AVX-512-BF16 / AMX), else fp32 (emulated bf16 is ~35x slower)."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
