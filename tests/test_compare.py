@@ -34,6 +34,16 @@ def test_compare_trains_each_config_with_the_same_budget_and_reuses_finished_run
     compare(configs, tiny_store, tmp_path / "cmp", steps=7, seeds=2, evaluate=False, progress=False,
             log=lambda *_: None)
     assert (tmp_path / "cmp" / "vae-s1" / "summary.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    # a finished run is reused only for the same budget and store: another one is refused, not silently reused
+    with pytest.raises(BrainVAEError, match="train.steps was 7, now 9"):
+        compare(configs, tiny_store, tmp_path / "cmp", steps=9, seeds=2, evaluate=False, progress=False,
+                log=lambda *_: None)
+    from conftest import make_store
+
+    other = make_store(tmp_path / "other", seed=1)  # other slices (a copy of the same store would be the same)
+    with pytest.raises(BrainVAEError, match="not the store"):
+        compare(configs, other, tmp_path / "cmp", steps=7, seeds=2, evaluate=False, progress=False,
+                log=lambda *_: None)
 
 
 def test_compare_refuses_without_a_budget_or_with_clashing_names(tiny_store, tmp_path):
@@ -62,9 +72,10 @@ def test_included_models_are_evaluated_on_the_same_store_not_trained(tiny_store,
 
     def fake_evaluate(run, store, out, n, seed, force, progress):  # what compare asks of `evaluate`
         calls.append((str(run), str(store), n, seed))
-        out.mkdir(parents=True)
         fd = {"ae": 3.0, "vae": 2.0}.get(run.name[:-3], 5.0)  # the included model is the worst
-        (out / "metrics.json").write_text(json.dumps({"realism": {"featnet": {"fd": {"ratio": fd}}}}))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"realism": {"featnet": {"fd": {"ratio": fd}}}, "store": str(store),
+                                                      "n_requested": n, "seed": seed, "split": "test"}))
 
     monkeypatch.setattr(run_eval, "evaluate_run", fake_evaluate)
     stamp = (finished / "summary.json").stat().st_mtime_ns
@@ -76,5 +87,12 @@ def test_included_models_are_evaluated_on_the_same_store_not_trained(tiny_store,
     assert (tmp_path / "cmp" / "included" / "elsewhere" / "eval" / "metrics.json").exists()
     assert (finished / "summary.json").stat().st_mtime_ns == stamp  # not trained again
     assert not (finished / "eval").exists()  # its evaluation lives in the comparison folder
+    n_calls = len(calls)
+    compare(configs, tiny_store, tmp_path / "cmp", steps=3, n_eval=50, progress=False, log=lambda *_: None,
+            include=[str(finished)])
+    assert len(calls) == n_calls  # every evaluation reused
+    compare(configs, tiny_store, tmp_path / "cmp", steps=3, n_eval=60, progress=False, log=lambda *_: None,
+            include=[str(finished)])
+    assert len(calls) == n_calls + 3  # another n: evaluated again, not reused
     with pytest.raises(BrainVAEError, match="no such run"):
         compare(configs, tiny_store, tmp_path / "c2", steps=3, progress=False, include=["nowhere"])

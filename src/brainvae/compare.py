@@ -94,22 +94,28 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
 
 def _train_one(cfg_path: Path, run: RunDir, store: Path, seed: int, budget: str | None, steps: int | None,
                device: str, force: bool, progress: bool) -> dict:
-    from .train.engine import train
+    from .data.store import SliceStore
+    from .train.engine import check_same_run, train
 
-    if run.summary_file.exists() and not force:
-        return json.loads(run.summary_file.read_text())
     cfg = load_config(RunConfig, cfg_path)
     # Same seed and budget for all; no early stopping and no epoch cap, so the budget decides.
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0, epochs=100_000))
+    if run.summary_file.exists() and not force:  # reused only when it is the run this compare asks for
+        check_same_run(run.path, cfg, SliceStore(store), action="compare reuses")
+        return json.loads(run.summary_file.read_text())
     resume = run.last_checkpoint.exists() and not force
     return train(run.path, store, cfg, device=device, resume=resume, force=force, progress=progress)
 
 
 def _evaluated(run_path: Path, eval_dir: Path, store: Path, n_eval: int, seed: int, force: bool,
                progress: bool) -> dict:
-    """metrics.json of ``evaluate`` on the store's test split, reused when present (unless ``force``)."""
+    """metrics.json of ``evaluate`` on the store's test split, reused when present with the same store, n and
+    seed (unless ``force``); redone otherwise."""
     metrics_file = eval_dir / "metrics.json"  # evaluate's own output layout
-    if force or not metrics_file.exists():
+    old = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    same = (Path(old.get("store", "")).resolve() == Path(store).resolve() and old.get("n_requested") == n_eval
+            and old.get("seed") == seed and old.get("split") == "test")
+    if force or not same:
         from .evaluate.run_eval import evaluate_run
 
         evaluate_run(run_path, store, out=eval_dir, n=n_eval, seed=seed, force=True, progress=progress)

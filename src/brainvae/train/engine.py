@@ -124,20 +124,21 @@ def _check_new_run(run_dir: Path, force: bool) -> None:
         raise OutputExistsError(run_dir)
 
 
-def _check_resume(run_dir: Path, run_cfg: RunConfig, store: SliceStore) -> None:
-    """``--resume`` continues a run exactly as it was started: the same config and options, the same store."""
+def check_same_run(run_dir: Path, run_cfg: RunConfig, store: SliceStore, action: str = "--resume continues") -> None:
+    """``--resume`` continues a run exactly as it was started (and ``compare`` reuses one only so): the same
+    config and options, the same store."""
     rd = RunDir(run_dir)
     if not rd.config_file.exists():
         raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
     saved = load_config(RunConfig, rd.config_file)
     changed = _differences(_as_saved(saved), _as_saved(run_cfg))
     if changed:
-        raise BrainVAEError(f"{run_dir}: --resume continues a run exactly as it was started, but {'; '.join(changed)}. "
+        raise BrainVAEError(f"{run_dir}: {action} a run exactly as it was started, but {'; '.join(changed)}. "
                             f"Give the same config and options as when it started (or train on from its weights "
                             f"in a new folder with --init {run_dir})")
     if not rd.trained_on(store):
         raise BrainVAEError(f"{store.path}: not the store {run_dir} was trained on ({rd.provenance().get('store')}); "
-                            "--resume needs the same --data (train a new run for another store)")
+                            f"{action} a run only on the same --data (train a new run for another store)")
 
 
 def _as_saved(cfg: RunConfig) -> dict:
@@ -437,7 +438,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
     init_source = RunDir.resolve(run_cfg.init["from"]).path if run_cfg.init.get("from") else None
     refuse_overlap(run_dir, [store.path, init_source])
     if resume:
-        _check_resume(run_dir, run_cfg, store)
+        check_same_run(run_dir, run_cfg, store)
     elif rank == 0:  # only rank 0 looks: other ranks would see the folder rank 0 creates
         _check_new_run(run_dir, force)
     dev = resolve_device(device)
