@@ -319,15 +319,15 @@ class LDM(BrainModel):
     def stage_data(self, name: str, data):
         """Prior and guide stages: the split encoded once (``LatentBatches``), so a step costs only the velocity
         network. Distill stage: the teacher's sampling paths from the split's conditions (``TeacherPaths``; the
-        train and validation splits draw from different seeds), made under bf16 autocast where it is native."""
+        validation split draws once per slice, from another seed), made under bf16 autocast where it is native."""
         if name not in _FLOW_STAGES:
             return data
         was = self.training
         self.eval()
-        if name == "distill":
-            seed = 1 if getattr(data, "split", "train") == "train" else 2
+        if name == "distill":  # validation: one noise draw per slice
+            training = getattr(data, "split", "train") == "train"
             with fast_autocast(self.device):
-                out = TeacherPaths(data, self, self.config.distill_repeats, seed)
+                out = TeacherPaths(data, self, self.config.distill_repeats if training else 1, 1 if training else 2)
         else:
             out = LatentBatches(data, self.autoencoder.encode, flip=self.config.flip)
         self.train(was)

@@ -1,7 +1,7 @@
-"""Zoomed crops of the same samples (same seed and conditions) from ixi-t1-128 v3 and v4, beside real slices at the
-same positions (validation split). Not a test: a figure to look at.
+"""Zoomed crops of the same samples (same seed and conditions) from two models, each with its default sampler (e.g.
+ixi-t1-128 v3 and v4), beside real slices at the same positions (validation split). Not a test: a figure to look at.
 
-    python benchmarks/zoom_v3_v4.py runs/ldm-dec runs/ldm-v4 --data datasets/ixi-t1-mni --out FIG.png
+    python benchmarks/zoom_before_after.py runs/ldm-dec runs/ldm-v4 --data datasets/ixi-t1-mni --out FIG.png
 """
 
 from __future__ import annotations
