@@ -243,15 +243,15 @@ class BrainModel(nn.Module):
         return self.decode(self.encode(x, cond).mode(), cond)
 
     def for_inference(self) -> "BrainModel":
-        """A frozen copy for fast sampling: eval mode, BatchNorm folded into the convs before it,
-        channels-last memory (oneDNN's and cuDNN's preferred layout). Same outputs up to float
-        rounding; the original is untouched. Not for training or saving (its parameters differ).
+        """A frozen copy for fast sampling: eval mode, BatchNorm folded into the convs before it, SiLU modules
+        in place when no gradient is recorded (``blocks.inplace_silu``), channels-last memory (oneDNN's and
+        cuDNN's preferred layout). Same outputs up to float rounding; the original is untouched. Not for training or saving (its parameters differ).
         On such a copy it returns the copy itself, so callers in a loop can prepare it once."""
-        from .blocks import fold_batchnorm
+        from .blocks import fold_batchnorm, inplace_silu
 
         if self.inference_copy:
             return self
-        model = fold_batchnorm(copy.deepcopy(self).eval())
+        model = inplace_silu(fold_batchnorm(copy.deepcopy(self).eval()))
         model.inference_copy = True
         return model.to(memory_format=torch.channels_last).requires_grad_(False)
 

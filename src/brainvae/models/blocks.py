@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import check
@@ -104,4 +106,27 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                     child[i] = fuse_conv_bn_eval(conv.eval(), bn.eval(), transpose=isinstance(conv, nn.ConvTranspose2d))
                     child[i + 1] = nn.Identity()
         fold_batchnorm(child)
+    return module
+
+
+class NoGradInplaceSiLU(nn.SiLU):
+    """SiLU that overwrites its input when no gradient is being recorded (``inplace_silu``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def inplace_silu(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.SiLU`` of ``module`` by :class:`NoGradInplaceSiLU`, in place; returns ``module``.
+
+    Only where each SiLU module's input is a fresh tensor that nothing else reads: in brainvae's models every
+    one follows a convolution, a norm, a linear layer or a residual sum (a SiLU applied to a block's input,
+    which a skip connection also reads, is ``F.silu`` and untouched). On these CPUs a freshly allocated
+    activation costs more than the SiLU itself (a 64 x 64 x 64 x 64 bf16 SiLU: 23 ms, in place 9 ms).
+    With gradients on (the KL-gradient anomaly scores) it computes a new tensor, as ``nn.SiLU``.
+    """
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.SiLU:
+                setattr(parent, name, NoGradInplaceSiLU())
     return module

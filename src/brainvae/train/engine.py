@@ -138,7 +138,7 @@ def check_same_run(run_dir: Path, run_cfg: RunConfig, store: SliceStore, action:
                             f"in a new folder with --init {run_dir})")
     if not rd.trained_on(store):
         raise BrainVAEError(f"{store.path}: not the store {run_dir} was trained on ({rd.provenance().get('store')}); "
-                            f"{action} a run only on the same --data (train a new run for another store)")
+                            f"{action.split()[0]} needs the same --data (train a new run for another store)")
 
 
 def _as_saved(cfg: RunConfig) -> dict:
