@@ -101,7 +101,7 @@ def _train_one(cfg_path: Path, run: RunDir, store: Path, seed: int, budget: str 
     # Same seed and budget for all; no early stopping and no epoch cap, so the budget decides.
     cfg = replace(cfg, train=replace(cfg.train, seed=seed, budget=budget, steps=steps, patience=0, epochs=100_000))
     if run.summary_file.exists() and not force:  # reused only when it is the run this compare asks for
-        check_same_run(run.path, cfg, SliceStore(store), action="compare reuses")
+        check_same_run(run.path, cfg, SliceStore(store), who="compare", verb="reuses")
         return json.loads(run.summary_file.read_text())
     resume = run.last_checkpoint.exists() and not force
     return train(run.path, store, cfg, device=device, resume=resume, force=force, progress=progress)
@@ -130,11 +130,11 @@ def compare(configs: list[Path], store: Path, out: Path, *, budget: str | None =
     if not configs:
         raise BrainVAEError("compare needs at least one config")
     included = [RunDir.resolve(name) for name in include]  # refuses an unknown name before any training
+    if included and not evaluate:
+        raise BrainVAEError("--include adds evaluated models to the board: drop --no-evaluate")
     for run in included:
         if not run.summary_file.exists():
             raise BrainVAEError(f"{run.path}: --include takes a finished run (no summary.json there)")
-        if not evaluate:
-            raise BrainVAEError("--include adds evaluated models to the board: drop --no-evaluate")
     if budget is None and steps is None:
         raise BrainVAEError("compare needs a --budget (e.g. 20m) or --steps so every model gets the same")
     if seeds < 1:

@@ -54,7 +54,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
     (sample i gets the i-th). Runs on the model's inference copy (BatchNorm folded, channels-last), through
     ``model.generate``, which checks the conditions and the ``sampler`` options (those of a model with a learned
     prior, ``model.sample_options``: e.g. steps, guidance, solver)."""
-    from .hardware import autocast_dtype
+    from .hardware import autocast, autocast_dtype
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     dtype = autocast_dtype(precision, model.device)
@@ -64,7 +64,7 @@ def sample_images(model, n: int, cond: dict | None, seed: int, batch_size: int =
                                      dtype=torch.float32, device=model.device)
                   for k, v in (cond or {}).items() if np.ndim(v)}
     out = []
-    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(model.device, dtype):
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             c = None if cond is None else {k: per_sample[k][start:stop] if k in per_sample else v

@@ -47,11 +47,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def fast_autocast(device: torch.device):
-    """Autocast for inference at ``precision = "auto"`` (``autocast_dtype``): bf16 on CUDA and on CPUs with native
-    bf16, else fp32 (a disabled autocast)."""
-    dtype = autocast_dtype("auto", device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device`` (an ``autocast_dtype`` result); None: fp32 (a disabled autocast)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @functools.cache

@@ -163,7 +163,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
     all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the
     additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast
     as in training (``auto``: bf16 where native)."""
-    from ..hardware import autocast_dtype
+    from ..hardware import autocast, autocast_dtype
 
     gen = torch.Generator(device=model.device).manual_seed(seed)
     use_cond = bool(model.config.conditions)
@@ -176,7 +176,7 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
     for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         x, cond = data.batch(rows[start:start + batch_size])
         batch = ScoreBatch(model, x, cond if use_cond else None, n_samples, gen)
-        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(model.device, dtype):
             recon.append(batch.x_hat[:, 0].cpu().numpy())
             for n in names:
                 chunks[n].append(offered[n].compute(batch).float().cpu().numpy())  # (B, 1 or k terms, H, W)

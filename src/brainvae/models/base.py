@@ -245,8 +245,9 @@ class BrainModel(nn.Module):
     def for_inference(self) -> "BrainModel":
         """A frozen copy for fast sampling: eval mode, BatchNorm folded into the convs before it, SiLU modules
         in place when no gradient is recorded (``blocks.inplace_silu``), channels-last memory (oneDNN's and
-        cuDNN's preferred layout). Same outputs up to float rounding; the original is untouched. Not for training or saving (its parameters differ).
-        On such a copy it returns the copy itself, so callers in a loop can prepare it once."""
+        cuDNN's preferred layout). Same outputs up to float rounding; the original is untouched. Not for
+        training or saving (its parameters differ). On such a copy it returns the copy itself, so callers in a
+        loop can prepare it once."""
         from .blocks import fold_batchnorm, inplace_silu
 
         if self.inference_copy:

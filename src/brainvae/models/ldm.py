@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..config import check, from_dict
 from ..errors import BrainVAEError
-from ..hardware import fast_autocast
+from ..hardware import autocast, autocast_dtype
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import GUIDES, FlowConfig, FlowPrior
 from .registry import register
@@ -325,8 +325,8 @@ class LDM(BrainModel):
         was = self.training
         self.eval()
         if name == "distill":  # validation: one noise draw per slice
-            training = getattr(data, "split", "train") == "train"
-            with fast_autocast(self.device):
+            training = data.split == "train"
+            with autocast(self.device, autocast_dtype("auto", self.device)):
                 out = TeacherPaths(data, self, self.config.distill_repeats if training else 1, 1 if training else 2)
         else:
             out = LatentBatches(data, self.autoencoder.encode, flip=self.config.flip)
@@ -342,7 +342,7 @@ class LDM(BrainModel):
         path, z = [eps], eps
         for k in range(k_steps):
             z = self.flow.integrate(z, 1 - k / k_steps, c, self.flow.cfg.steps // k_steps, weak=weak,
-                                    t_end=1 - (k + 1) / k_steps).float()
+                                    t_end=1 - (k + 1) / k_steps)
             path.append(z)
         return torch.stack(path, 1)
 
@@ -408,14 +408,15 @@ class LDM(BrainModel):
         the prior's sampler's options, and are refused with it)."""
         given = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide, "sampler": sampler}
         options = {**self.sampler_defaults, **{k: v for k, v in given.items() if v is not None}}
+        cond = self.given_cond(n, cond)
         if self._sampler(options.pop("sampler", self.config.sampler)) == "student":
             if options:
                 raise BrainVAEError(f"the distilled student takes its own {self.student.cfg.steps} Euler steps: "
                                     f"{sorted(options)} apply to sampler \"prior\" only")
-            z = self.student.sample(n, self.given_cond(n, cond), generator, self.device)
+            z = self.student.sample(n, cond, generator, self.device)
         else:
             weak = self._weak(options.pop("guide", self.flow.cfg.guide))
-            z = self.flow.sample(n, self.given_cond(n, cond), generator, self.device, **options, weak=weak)
+            z = self.flow.sample(n, cond, generator, self.device, **options, weak=weak)
         x = self.decode(self._unstandardise(z))
         return zero_background(x, self.config.background) if self.config.background > 0 else x
 
@@ -423,10 +424,9 @@ class LDM(BrainModel):
         """``name`` checked: "prior", or "student" when this model has a trained one."""
         if name not in SAMPLERS:
             raise BrainVAEError(f"sampler must be one of {SAMPLERS}, got {name!r}")
-        if name == "student" and (self.student is None or not bool(self.student_trained)):
-            raise BrainVAEError("sampler \"student\" needs the model's distilled network, trained by the ldm "
-                                "distill stage ([model.student] and [stages.distill]); this model has "
-                                + ("none" if self.student is None else "an untrained one"))
+        if name == "student":
+            self._trained("student", "sampler \"student\" needs the model's distilled network, trained by the ldm "
+                                     "distill stage ([model.student] and [stages.distill])")
         return name
 
     def _weak(self, guide: str) -> FlowPrior | None:
@@ -435,11 +435,16 @@ class LDM(BrainModel):
             raise BrainVAEError(f"guide must be one of {GUIDES}, got {guide!r}")
         if guide == "unconditional":
             return None
-        if self.guide is None or not bool(self.guide_trained):
-            raise BrainVAEError("guide \"weak\" (autoguidance) needs the model's weak network, trained by the "
-                                "ldm guide stage ([model.guide] and [stages.guide]); this model has "
-                                + ("none" if self.guide is None else "an untrained one"))
-        return self.guide
+        return self._trained("guide", "guide \"weak\" (autoguidance) needs the model's weak network, trained by "
+                                      "the ldm guide stage ([model.guide] and [stages.guide])")
+
+    def _trained(self, name: str, needs: str) -> FlowPrior:
+        """The optional flow network ``name`` (guide, student), refused (``needs``: why it is needed) when the
+        model has none or its stage never started (buffer ``<name>_trained``)."""
+        network = getattr(self, name)
+        if network is None or not bool(getattr(self, f"{name}_trained")):
+            raise BrainVAEError(f"{needs}; this model has " + ("none" if network is None else "an untrained one"))
+        return network
 
     # -- anomaly scores: restoration with the prior ------------------------------------------------------
     @torch.no_grad()

@@ -39,7 +39,7 @@ from ..config import RunConfig, TrainConfig, load_config, save_config, to_dict
 from ..data.dataset import SliceBatches
 from ..data.store import SliceStore
 from ..errors import BrainVAEError, OutputExistsError
-from ..hardware import autocast_dtype
+from ..hardware import autocast, autocast_dtype
 from ..io.atomic import atomic_dir, atomic_write_bytes, refuse_overlap
 from ..models.registry import build
 from ..progress import bar as progress_bar, say
@@ -124,21 +124,22 @@ def _check_new_run(run_dir: Path, force: bool) -> None:
         raise OutputExistsError(run_dir)
 
 
-def check_same_run(run_dir: Path, run_cfg: RunConfig, store: SliceStore, action: str = "--resume continues") -> None:
+def check_same_run(run_dir: Path, run_cfg: RunConfig, store: SliceStore, who: str = "--resume",
+                   verb: str = "continues") -> None:
     """``--resume`` continues a run exactly as it was started (and ``compare`` reuses one only so): the same
-    config and options, the same store."""
+    config and options, the same store. ``who`` and ``verb`` name the caller in the errors."""
     rd = RunDir(run_dir)
     if not rd.config_file.exists():
         raise BrainVAEError(f"{run_dir}: nothing to resume (no config.toml)")
     saved = load_config(RunConfig, rd.config_file)
     changed = _differences(_as_saved(saved), _as_saved(run_cfg))
     if changed:
-        raise BrainVAEError(f"{run_dir}: {action} a run exactly as it was started, but {'; '.join(changed)}. "
+        raise BrainVAEError(f"{run_dir}: {who} {verb} a run exactly as it was started, but {'; '.join(changed)}. "
                             f"Give the same config and options as when it started (or train on from its weights "
                             f"in a new folder with --init {run_dir})")
     if not rd.trained_on(store):
         raise BrainVAEError(f"{store.path}: not the store {run_dir} was trained on ({rd.provenance().get('store')}); "
-                            f"{action.split()[0]} needs the same --data (train a new run for another store)")
+                            f"{who} needs the same --data (train a new run for another store)")
 
 
 def _as_saved(cfg: RunConfig) -> dict:
@@ -299,7 +300,7 @@ def _optimise(run: Run, s: Stage, x: torch.Tensor, cond: dict, step: int, local:
         for g in opt.param_groups:
             g["lr"] = lr
     model.step = step
-    with torch.autocast(run.dev.type, dtype=s.amp, enabled=s.amp is not None):
+    with autocast(run.dev, s.amp):
         out = s.net(x, cond, kl_scale)
     loss = out.losses["loss"].float().mean() / model.config.image_size ** 2
     if not torch.isfinite(loss):
@@ -575,7 +576,7 @@ def _init_from(run_cfg: RunConfig, model, plan: list, train_slices: SliceBatches
 
 def _disc_step(model, opt, params, x, recon, cond, amp, dev, world) -> None:
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+    with autocast(dev, amp):
         d_loss = model.disc_loss(x, recon, cond).float().mean()
     d_loss.backward()
     if world > 1:  # the discriminator step bypasses DDP: average its gradients by hand
@@ -603,7 +604,7 @@ def _validate(model, ema, data: SliceBatches, cfg, amp, dev) -> dict[str, float]
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, cond = data.batch(idx)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with autocast(dev, amp):
                 out = model(x, cond, 1.0)
             for k, v in out.losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
