@@ -201,7 +201,7 @@ def test_http_404_fails_without_retry(tmp_path, server):
 
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
-    [({"expected_size": 123}, "expected size is 123 bytes"), ({"sha256": "0" * 64}, "SHA-256")],
+    [({"expected_size": 123}, "expected size is 123 bytes"), ({"sha256": "0" * 64}, "SHA-256"), ({"md5": "0" * 32}, "MD5")],
 )
 def test_mismatch_raises_and_keeps_nothing(tmp_path, server, payload, kwargs, problem):
     _, url = payload
@@ -390,8 +390,9 @@ def test_download_ixi_end_to_end(tmp_path, server):
     make_tar(state.root / "IXI-T1.tar", t1_members())
     (state.root / "IXI.xls").write_bytes(b"fake spreadsheet")
     dest = tmp_path / "ixi"
+    pins = {name: hashlib.md5((state.root / name).read_bytes()).hexdigest() for name in ("IXI-T1.tar", "IXI.xls")}
 
-    result = download_ixi("t1", dest, base_url=base.rstrip("/"), progress=False)
+    result = download_ixi("t1", dest, base_url=base.rstrip("/"), md5=pins, progress=False)
     assert result == {
         "archive": dest / "IXI-T1.tar",
         "spreadsheet": dest / "IXI.xls",
@@ -410,19 +411,29 @@ def test_download_ixi_end_to_end(tmp_path, server):
     # Run again: nothing is downloaded, the extracted folder is left alone unless forced.
     (dest / "IXI-T1" / T1_NAMES[0]).unlink()
     requests = len(state.ranges)
-    download_ixi("T1", dest, base_url=base, progress=False)
+    download_ixi("T1", dest, base_url=base, md5=pins, progress=False)
     assert len(state.ranges) == requests
     assert not (dest / "IXI-T1" / T1_NAMES[0]).exists()
-    download_ixi("T1", dest, base_url=base, force=True, progress=False)
+    download_ixi("T1", dest, base_url=base, md5=pins, force=True, progress=False)
     assert (dest / "IXI-T1" / T1_NAMES[0]).exists()
     assert len(state.ranges) == requests + 2  # force downloads again
 
     # A file that no longer matches its record (cut short under its final name) is downloaded again.
     archive = dest / "IXI-T1.tar"
     archive.write_bytes(archive.read_bytes()[:1000])
-    download_ixi("T1", dest, base_url=base, progress=False)
+    download_ixi("T1", dest, base_url=base, md5=pins, progress=False)
     assert archive.read_bytes() == (state.root / "IXI-T1.tar").read_bytes()
     assert len(state.ranges) == requests + 3
+
+
+def test_download_ixi_refuses_an_archive_without_the_published_md5(tmp_path, server):
+    state, base = server
+    make_tar(state.root / "IXI-T1.tar", t1_members())  # not the real IXI-T1.tar
+    (state.root / "IXI.xls").write_bytes(b"fake spreadsheet")
+    with pytest.raises(InputFileError, match="MD5 of the download .* expected 34901a0593b41dd19c1a1f746eac2d58"):
+        download_ixi("T1", tmp_path / "ixi", base_url=base, progress=False)  # the official pins (IXI_MD5)
+    assert not (tmp_path / "ixi" / "IXI-T1.tar").exists() and not (tmp_path / "ixi" / "IXI-T1").exists()
+    assert not (tmp_path / "ixi" / "IXI-T1.tar.part").exists()
 
 
 def test_download_ixi_unknown_modality(tmp_path):

@@ -264,6 +264,10 @@ def test_distill_stage_trains_a_few_step_student_of_the_prior_sampler(tiny_store
     # started from the prior's weights (its zero-initialised head included), then trained away from them
     assert bool(after.student_trained) and after.student.net.head[-1].weight.abs().sum() > 0
     assert not torch.equal(after.student.net.head[-1].weight, after.flow.net.head[-1].weight)
+    # a run [init] from a distilled model goes on from its student, not from the prior's weights again
+    trained = {k: v.clone() for k, v in after.student.state_dict().items()}
+    after.begin_stage("distill", None)
+    assert all(torch.equal(v, after.student.state_dict()[k]) for k, v in trained.items())
     rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/distill" in r for r in rows) and any("val/distill" in r for r in rows)
 
@@ -388,6 +392,21 @@ def test_zero_background_keeps_the_brain_with_its_dark_holes_and_zeroes_the_haze
     out = zero_background(x, 0.1)[0, 0].numpy()
     assert np.all(out[r >= 10] == 0)  # haze and speck gone
     assert np.allclose(out[r < 10], image[r < 10])  # the brain and its ventricle untouched
+
+
+def test_zero_background_treats_each_slice_of_a_batch_on_its_own():
+    yy, xx = np.mgrid[:32, :32]
+    r = np.hypot(yy - 16, xx - 16)
+    big = np.where(r < 12, 0.6, 0.0)  # slice 0: a large brain
+    small = np.where(r < 2, 0.6, 0.0)  # slice 1: only a small region, its own largest: kept
+    ring = np.where((r > 5) & (r < 12), 0.6, 0.0)  # slice 2: a ring; its dark centre is a hole of this slice
+    ring[16, :] = np.where(np.abs(np.arange(32) - 16) < 12, 0.0, ring[16, :])  # ...cut open: no hole any more
+    x = torch.tensor(np.stack([big, small, ring]), dtype=torch.float32)[:, None]
+    x[:, :, 0, 0] = 0.3  # a one-pixel speck in every slice's corner
+    out = zero_background(x, 0.1)[:, 0].numpy()
+    assert np.allclose(out[0], big)  # the speck is under 5 % of this slice's largest region: gone
+    assert np.allclose(out[1][r < 2], 0.6) and out[1][0, 0] == 0.3  # 1 pixel >= 5 % of 13: kept here
+    assert np.allclose(out[2], ring)  # the two halves kept, the open centre not filled, the speck gone
 
 
 def test_ldm_samples_are_zero_outside_the_brain_when_background_is_set():

@@ -2,7 +2,7 @@
 
 Downloads use only :mod:`urllib`. A file is written to ``<name>.part`` first,
 resumed with an HTTP ``Range`` request after an interruption, checked against
-the server's size (and an optional SHA-256), and only then renamed to its
+the server's size (and an optional SHA-256 or MD5), and only then renamed to its
 final name, so a file under its final name is always complete. A download
 whose size cannot be checked (no Content-Length, nothing expected) is refused:
 a truncated file would look complete.
@@ -41,9 +41,20 @@ from .atomic import atomic_write_bytes, usual_mode
 IXI_BASE_URL = "https://biomedic.doc.ic.ac.uk/brain-development/downloads/IXI/"
 IXI_MODALITIES = ("T1", "T2", "PD", "MRA", "DTI")
 IXI_SPREADSHEET = "IXI.xls"
+# The MD5 digests published for the official files (as TorchIO's and MONAI's IXI loaders pin them): a download
+# that differs is refused, whatever mirror served it.
+IXI_MD5 = {
+    "IXI-T1.tar": "34901a0593b41dd19c1a1f746eac2d58",
+    "IXI-T2.tar": "e3140d78730ecdd32ba92da48c0a9aaa",
+    "IXI-PD.tar": "88ecd9d1fa33cb4a2278183b42ffd749",
+    "IXI-MRA.tar": "29be7d2fee3998f978a55a9bdaf3407e",
+    "IXI-DTI.tar": "636573825b1c8b9e8c78f1877df3ee66",
+    "IXI.xls": "066002afe250e4375d132266fcfceac5",
+}
 MANIFEST_NAME = "download.json"
 
 _CHUNK_BYTES = 1 << 20
+_DIGEST_NAMES = {"sha256": "SHA-256", "md5": "MD5"}
 _RETRY_DELAY_S = 1.0  # waits 1 s, 2 s, 3 s ... between attempts
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
@@ -55,6 +66,7 @@ def download_file(
     dest: Path,
     *,
     sha256: str | None = None,
+    md5: str | None = None,
     expected_size: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -64,7 +76,7 @@ def download_file(
     """Download ``url`` to ``dest`` and return ``dest``.
 
     An existing ``dest`` is kept without downloading when it matches
-    ``expected_size`` and ``sha256`` (at least one given; without either it
+    ``expected_size``, ``sha256`` and ``md5`` (at least one given; without any it
     cannot be checked and is downloaded again, as it is with ``force``); a file
     under the final name is only ever created by a verified download, and an
     existing one is replaced only by one. Data goes to ``dest.part`` first; a
@@ -73,15 +85,16 @@ def download_file(
 
     Raises:
         InputFileError: the download does not match the server's
-            Content-Length, ``expected_size`` or ``sha256``, or its size
+            Content-Length, ``expected_size``, ``sha256`` or ``md5``, or its size
             cannot be checked at all; the data is deleted.
         BrainVAEError: the server refuses the request (HTTP 4xx) or the
             download still fails after ``retries`` retries.
     """
     dest = Path(dest)
-    checkable = expected_size is not None or sha256 is not None
+    digests = {name: value.lower() for name, value in (("sha256", sha256), ("md5", md5)) if value is not None}
+    checkable = expected_size is not None or bool(digests)
     if dest.exists() and not force:
-        if checkable and _matches(dest, expected_size, sha256):
+        if checkable and _matches(dest, expected_size, **digests):
             log.info("%s already downloaded; skipping", dest)
             return dest
         log.warning("%s %s; downloading again", dest,
@@ -120,30 +133,35 @@ def download_file(
             part.unlink()
             problem = f"downloaded {size} bytes from {url} but {label} is {expected} bytes"
             raise InputFileError(dest, problem + "; deleted the download")
-    if sha256 is not None:
-        actual = file_sha256(part)
-        if actual != sha256.lower():
+    for name, expected in digests.items():
+        actual = file_digest(part, name)
+        if actual != expected:
             part.unlink()
-            problem = f"SHA-256 of the download from {url} is {actual}, expected {sha256.lower()}"
+            problem = f"{_DIGEST_NAMES[name]} of the download from {url} is {actual}, expected {expected}"
             raise InputFileError(dest, problem + "; deleted the download")
     os.replace(part, dest)
     return dest
 
 
-def file_sha256(path: Path) -> str:
-    """Return the hex SHA-256 digest of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Return the hex digest (``hashlib`` algorithm name) of a file, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _matches(path: Path, size: int | None, sha256: str | None) -> bool:
-    """Whether ``path`` has the given size and SHA-256 (each only if given)."""
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 digest of a file."""
+    return file_digest(path, "sha256")
+
+
+def _matches(path: Path, size: int | None, **digests: str) -> bool:
+    """Whether ``path`` has the given size and digests (``sha256=``, ``md5=``; each only if given)."""
     if size is not None and path.stat().st_size != size:
         return False
-    return sha256 is None or file_sha256(path) == sha256.lower()
+    return all(file_digest(path, name) == value.lower() for name, value in digests.items())
 
 
 def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -> int | None:
@@ -308,12 +326,15 @@ def download_ixi(
     dest: Path,
     *,
     base_url: str = IXI_BASE_URL,
+    md5: dict[str, str] | None = None,
     extract: bool = True,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Download ``IXI-<MOD>.tar`` and ``IXI.xls`` into ``dest`` and unpack the archive.
 
+    Each download must have the published MD5 of its file (``md5``, by file
+    name; default ``IXI_MD5``), whichever ``base_url`` (a mirror) serves it.
     ``dest/download.json`` records the URL, size and SHA-256 of each file
     right after its verified download. A file that still matches its record
     is kept; any other file (and every file with ``force``) is downloaded
@@ -334,16 +355,17 @@ def download_ixi(
     dest = Path(dest)
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     urls = {name: urljoin(base_url, name) for name in (f"IXI-{mod}.tar", IXI_SPREADSHEET)}
+    pinned = IXI_MD5 if md5 is None else md5
     manifest = dest / MANIFEST_NAME
     recorded = _read_manifest(manifest)
     paths = {}
     for name, url in urls.items():
         path, entry = dest / name, recorded.get(name)
         known = isinstance(entry, dict) and entry.get("size") is not None and entry.get("sha256") is not None
-        if not force and path.exists() and known and _matches(path, entry["size"], entry["sha256"]):
+        if not force and path.exists() and known and _matches(path, entry["size"], sha256=entry["sha256"]):
             log.info("%s already downloaded (size and SHA-256 as recorded in %s); skipping", path, manifest.name)
         else:  # a file not recorded after a verified download is not trusted
-            download_file(url, path, force=True, progress=progress)
+            download_file(url, path, md5=pinned.get(name), force=True, progress=progress)
             _record_download(manifest, name, url, path)
         paths[name] = path
 

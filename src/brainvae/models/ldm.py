@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..config import check, from_dict
 from ..errors import BrainVAEError
 from ..hardware import autocast, autocast_dtype
+from ..progress import bar as progress_bar
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import GUIDES, FlowConfig, FlowPrior
 from .registry import register
@@ -60,6 +61,9 @@ AUTOENCODER_DEFAULTS = {"channels": (64, 128), "patch": 2, "enc_blocks": 1, "dec
 _FIXED = ("image_size", "conditions", "prior")  # set by the ldm itself
 _FLOW_STAGES = ("prior", "guide", "distill")  # stages that train a flow network, the autoencoder frozen
 SAMPLERS = ("prior", "student")  # sample with the prior's solver (steps, guidance, guide) or the distilled student
+# Samples are decoded this many at a time: a 128 px decoder's activations then stay in a core's cache (and the
+# allocator reuses them), 2x faster per slice than one decoder call for 256 on a 2-core AMX CPU.
+DECODE_CHUNK = 16
 
 
 def zero_background(x: Tensor, threshold: float, min_share: float = 0.05) -> Tensor:
@@ -69,15 +73,26 @@ def zero_background(x: Tensor, threshold: float, min_share: float = 0.05) -> Ten
     of the largest one's size, so both hemispheres' lobes of a low slice count), holes filled: the step that
     makes skull-stripped training slices exactly 0 outside their brain mask. A decoder only approximates that
     hard edge, and leaves a faint haze around the brain a reader (and a two-sample classifier) can see.
+    All slices are labelled in one call (4-connected within a slice, never across slices), as
+    ``ndimage.binary_fill_holes`` would fill each: a hole is a region of the rest that touches no slice edge.
     """
-    keep = np.zeros(x.shape, bool)
-    for i, image in enumerate(x[:, 0].float().cpu().numpy()):  # (H, W)
-        labels, n = ndimage.label(image > threshold)
-        if n:
-            sizes = ndimage.sum_labels(np.ones_like(image), labels, np.arange(1, n + 1))
-            big = 1 + np.flatnonzero(sizes >= min_share * sizes.max())
-            keep[i, 0] = ndimage.binary_fill_holes(np.isin(labels, big))
-    return x * torch.from_numpy(keep).to(x.device, x.dtype)
+    within = np.zeros((3, 3, 3), bool)
+    within[1] = ndimage.generate_binary_structure(2, 1)  # 4-connected in-plane, never across slices
+    bright = x[:, 0].float().cpu().numpy() > threshold  # (B, H, W)
+    labels, n = ndimage.label(bright, within)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)  # (n + 1,) label 0: the dark pixels
+    owner = np.zeros(n + 1, np.int64)
+    owner[labels.ravel()] = np.repeat(np.arange(len(bright)), bright[0].size)  # the slice of each region
+    largest = np.zeros(len(bright), np.int64)
+    np.maximum.at(largest, owner[1:], sizes[1:])
+    big = sizes >= min_share * largest[owner]
+    big[0] = False
+    outside, m = ndimage.label(~big[labels], within)  # the rest: background and holes
+    edge = np.zeros(m + 1, bool)
+    edge[np.concatenate([outside[:, [0, -1]].ravel(), outside[:, :, [0, -1]].ravel()])] = True
+    edge[0] = False  # label 0 is the kept brain itself
+    keep = ~edge[outside]  # (B, H, W) brain and its holes
+    return x * torch.from_numpy(keep[:, None]).to(x.device, x.dtype)
 
 
 class LatentBatches:
@@ -141,7 +156,7 @@ class TeacherPaths:
         self.cond = cond
         eps = torch.randn((len(rows), *flow.latent_shape), generator=g)
         paths = []
-        for start in range(0, len(rows), batch_size):
+        for start in progress_bar(range(0, len(rows), batch_size), desc=f"teacher paths ({data.split})", unit="batch"):
             part = slice(start, start + batch_size)
             paths.append(model.teacher_path(eps[part].to(self.device),
                                             None if c is None else c[part].to(self.device)).cpu())
@@ -291,13 +306,15 @@ class LDM(BrainModel):
     def begin_stage(self, name: str, data) -> None:
         """Prior stage: per-channel mean and std of the latents of ``stats_batches`` training batches. Guide
         stage: the guide counts as trained from here on. Distill stage: the student starts from the prior's
-        weights (when its network has the prior's shape: at t = 1 the prior already points at the mean latent)
-        and counts as trained from here on."""
+        weights (when its network has the prior's shape: at t = 1 the prior already points at the mean latent),
+        unless it was trained before (a run ``[init] from`` a distilled model goes on from its student), and
+        counts as trained from here on."""
         if name == "guide":
             self.guide_trained.fill_(True)
         if name == "distill":
-            prior = self.flow.state_dict()
-            if {k: v.shape for k, v in prior.items()} == {k: v.shape for k, v in self.student.state_dict().items()}:
+            prior, student = self.flow.state_dict(), self.student.state_dict()
+            same_shape = {k: v.shape for k, v in prior.items()} == {k: v.shape for k, v in student.items()}
+            if same_shape and not self.student_trained:  # a student trained before ([init] from it) goes on
                 self.student.load_state_dict(prior)
             self.student_trained.fill_(True)
         if name != "prior":
@@ -417,8 +434,11 @@ class LDM(BrainModel):
         else:
             weak = self._weak(options.pop("guide", self.flow.cfg.guide))
             z = self.flow.sample(n, cond, generator, self.device, **options, weak=weak)
-        x = self.decode(self._unstandardise(z))
-        return zero_background(x, self.config.background) if self.config.background > 0 else x
+        parts = []
+        for part in self._unstandardise(z).split(DECODE_CHUNK):  # (<= DECODE_CHUNK, C, s, s) each
+            x = self.decode(part)  # (b, 1, H, W)
+            parts.append(zero_background(x, self.config.background) if self.config.background > 0 else x)
+        return torch.cat(parts)
 
     def _sampler(self, name: str) -> str:
         """``name`` checked: "prior", or "student" when this model has a trained one."""
