@@ -69,6 +69,23 @@ def test_export_then_load_by_shipped_name(tiny_run, tmp_path, monkeypatch):
         RunDir.resolve("no-such-model")
 
 
+def test_half_export_stores_float16_and_loads_as_float32(tiny_run, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    export_model(tiny_run, full)
+    assert invoke("export", tiny_run, "--out", half, "--half").exit_code == 0
+    weights = lambda folder: folder / "checkpoints" / "best.safetensors"  # noqa: E731
+    assert weights(half).stat().st_size < 0.6 * weights(full).stat().st_size
+    assert "float16" in (half / "MODEL_CARD.md").read_text() and "float16" not in (full / "MODEL_CARD.md").read_text()
+    original, shipped = load(full), load(half)
+    for key, value in shipped.state_dict().items():
+        assert value.dtype == original.state_dict()[key].dtype  # rebuilt in float32 (ints and bools kept)
+        if value.is_floating_point():
+            assert torch.equal(value, original.state_dict()[key].half().float())  # exactly the float16 rounding
+    cond = {"age": 70.0, "sex": -1.0, "position": 0.5}
+    a, b = sample_images(shipped, 3, cond, seed=0), sample_images(original, 3, cond, seed=0)
+    assert abs(a - b).max() < 0.02 and not (a == b).all()
+
+
 def test_cli_export_models_and_sample_by_name(tiny_run, tmp_path, monkeypatch):
 
     root = tmp_path / "pretrained"

@@ -259,13 +259,15 @@ def export_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     out: Annotated[Path, typer.Option(help="Model folder to write (EMA weights, config, model card).")],
     name: Annotated[Optional[str], typer.Option(help="Model name in its card (default: the folder's name).")] = None,
+    half: Annotated[bool, typer.Option("--half", help="Store the weights as float16 (half the size; loaded as "
+                                                      "float32). Evaluate the exported folder, not the run.")] = False,
     force: Force = False,
 ) -> None:
     """Package a run's best checkpoint as a self-contained model folder with a generated model card."""
     from .export import export_model
 
     refuse_output_over(out, run)
-    typer.echo(f"exported {run} -> {export_model(run, out, name=name, force=force)}")
+    typer.echo(f"exported {run} -> {export_model(run, out, name=name, force=force, half=half)}")
 
 
 @app.command("train")

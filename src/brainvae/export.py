@@ -25,7 +25,7 @@ from .errors import BrainVAEError
 from .io.atomic import atomic_dir
 from .models.registry import build, config_dict
 from .rundir import CHECKPOINTS, RunDir
-from .train.checkpoint import load_model, save_weights
+from .train.checkpoint import load_model, read_metadata, save_weights
 
 CARD_METRICS = (  # (label, path in eval/metrics.json)
     ("C2ST accuracy vs real test slices (0.5 = indistinguishable)", ("c2st", "accuracy")),
@@ -98,6 +98,8 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
               f"({summary.get('precision', '?')}, {summary.get('device', '?')}) on {hw.get('cpu_model', '?')} "
               f"({hw.get('cpu_capability', '?')}, {hw.get('torch_threads', '?')} threads)"]
     lines += training_lines(summary)
+    if read_metadata(run.checkpoint("best")).get("stored_as") == "float16":
+        lines.append("- weights stored as float16 (the model is rebuilt in float32 when loaded)")
     lines += ["", "## Measured quality (held-out test subjects)", ""]
     if metrics:
         lines += ["| measure | model | real-vs-real floor |", "|---|---|---|"]
@@ -151,8 +153,12 @@ def _record_train_ages(exported: RunDir, run: RunDir) -> None:
 
 def export_model(run: str | Path, out: str | Path, *, name: str | None = None, force: bool = False,
                  data_note: str | None = None, limitations: tuple[str, ...] = (),
-                 model_overrides: dict | None = None, metrics: str | Path | None = None) -> Path:
+                 model_overrides: dict | None = None, metrics: str | Path | None = None,
+                 half: bool = False) -> Path:
     """Write a shipped-model folder from ``run``'s best checkpoint (EMA weights only).
+
+    ``half``: store the floating-point weights as float16 (half the file; loading rebuilds the model in
+    float32, so a model evaluated after export is measured with exactly the weights it ships).
 
     ``model_overrides`` changes fields of the model config that leave the weights' shapes alone, e.g. the
     default sampler of an ldm (``{"prior": {"steps": 16}}``); the weights must still fit the new config.
@@ -174,8 +180,9 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
     with atomic_dir(out, force=force) as tmp:
         (tmp / CHECKPOINTS).mkdir()
-        save_weights(RunDir(tmp).checkpoints / "best.safetensors", model.to(memory_format=torch.contiguous_format), None,
-                     {"exported_from": str(rd.path)})
+        stored = model.to(memory_format=torch.contiguous_format)
+        save_weights(RunDir(tmp).checkpoints / "best.safetensors", stored.half() if half else stored, None,
+                     {"exported_from": str(rd.path), **({"stored_as": "float16"} if half else {})})
         save_config(run_cfg, tmp / rd.config_file.name)
         for f in (rd.provenance_file, rd.summary_file):
             if f.exists():
