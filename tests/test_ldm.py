@@ -270,6 +270,7 @@ def test_distill_stage_trains_a_few_step_student_of_the_prior_sampler(tiny_store
     assert all(torch.equal(v, after.student.state_dict()[k]) for k, v in trained.items())
     rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/distill" in r for r in rows) and any("val/distill" in r for r in rows)
+    assert not (tmp_path / "second" / "stage_cache").exists()  # the teacher paths kept for --resume: gone
 
     # the default sampler is the student's 2 Euler steps; the prior's sampler stays available
     g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
@@ -318,9 +319,34 @@ def test_teacher_paths_keep_the_conditions_the_teacher_sampled_under(tiny_store)
     k = len(model.flow.keys)
     assert 0 < asked[:, k:].mean() < 1  # some conditions hidden, not all
     assert not torch.equal(x[:len(data), 0], x[len(data):, 0])  # each repeat draws its own noise
-    again = TeacherPaths(data, model, repeats=2, seed=0, batch_size=7)  # --resume remakes the same paths
+    again = TeacherPaths(data, model, repeats=2, seed=0, batch_size=7)  # made again: the same paths
     assert torch.equal(again.paths, paths.paths)
     assert all(torch.equal(again.cond[key].nan_to_num(-9), paths.cond[key].nan_to_num(-9)) for key in paths.cond)
+
+
+def test_teacher_paths_are_kept_for_a_resumed_run_while_the_teacher_is_the_same(tiny_store, tmp_path):
+    from brainvae.data.dataset import SliceBatches
+    from brainvae.data.store import SliceStore
+
+    config = {k: v for k, v in TINY_LDM.items() if k != "arch"}
+    model = build("ldm", {**config, "prior": {**config["prior"], "steps": 2},
+                          "student": {**config["prior"], "steps": 2}}).eval()
+    data = SliceBatches(SliceStore(tiny_store), "train", 32)
+    cache = tmp_path / "cache" / "paths.pt"
+    made = TeacherPaths(data, model, repeats=1, seed=0, cache=cache)
+    assert cache.exists() and made.paths.dtype == torch.float16 and made.batch([0])[0].dtype == torch.float32
+    model.teacher_path = None  # a resumed run reads the paths; it does not sample them again
+    read = TeacherPaths(data, model, repeats=1, seed=0, cache=cache)
+    assert torch.equal(read.paths, made.paths)
+    assert all(torch.equal(read.cond[k].nan_to_num(-9), made.cond[k].nan_to_num(-9)) for k in made.cond)
+    with pytest.raises(TypeError, match="not callable"):  # other repeats: another key, so made again
+        TeacherPaths(data, model, repeats=2, seed=0, cache=cache)
+    del model.teacher_path
+    with torch.no_grad():
+        model.flow.net.head[-1].bias.add_(0.1)  # another teacher (its zero head moved): made again, file replaced
+    fresh = TeacherPaths(data, model, repeats=1, seed=0, cache=cache)
+    assert not torch.equal(fresh.paths, made.paths)
+    assert torch.equal(torch.load(cache, weights_only=True)["paths"], fresh.paths)
 
 
 def test_student_config_errors_are_clear():

@@ -90,6 +90,11 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @property
+    def stage_cache(self) -> Path:
+        """Costly data of a training stage kept for ``--resume`` (``BrainModel.stage_data``), removed at the end."""
+        return self.path / "stage_cache"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -312,9 +313,11 @@ class BrainModel(nn.Module):
     def begin_stage(self, name: str, data) -> None:
         """Called once when stage ``name`` starts (after the previous one), with the training ``SliceBatches``."""
 
-    def stage_data(self, name: str, data):
+    def stage_data(self, name: str, data, cache: Path | None = None):
         """The batches stage ``name`` trains and validates on, made from a split's ``SliceBatches`` (called after
-        ``begin_stage``, and again when a run resumes inside the stage): by default the slices themselves."""
+        ``begin_stage``, and again when a run resumes inside the stage): by default the slices themselves.
+        ``cache``: a folder of the run where costly stage data may be kept for a resumed run (removed when the
+        run has finished)."""
         return data
 
     def given_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:

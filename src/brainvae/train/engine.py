@@ -488,7 +488,8 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
             for index in range(st["stage"], len(plan)):
                 name, cfg = plan[index]
                 model.set_stage(name)
-                run.train_data, run.val_data = (model.stage_data(name, data) for data in slices)
+                run.train_data, run.val_data = (model.stage_data(name, data, RunDir(run_dir).stage_cache)
+                                                for data in slices)
                 ema = _train_stage(run, name, cfg, st, saved)
                 saved = None
                 if index + 1 < len(plan):  # hand over: freeze the EMA weights, prepare the next stage, checkpoint
@@ -522,6 +523,7 @@ def train(run_dir: Path, store_path: Path, run_cfg: RunConfig, *, device: str = 
         summary["init"] = {**run_cfg.init, "source": source_summary(run_cfg.init["from"])}
     if rank == 0:
         RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(RunDir(run_dir).stage_cache, ignore_errors=True)  # only a resumed run needs it
     return summary
 
 
