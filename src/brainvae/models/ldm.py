@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 from ..config import check, from_dict
 from ..errors import BrainVAEError
 from ..hardware import autocast, autocast_dtype
+from ..io.atomic import atomic_path
 from ..progress import bar as progress_bar
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import GUIDES, FlowConfig, FlowPrior
@@ -173,10 +173,8 @@ class TeacherPaths:
                                             None if c is None else c[part].to(self.device)).cpu())
         self.paths = torch.cat(paths).half()  # (N * repeats, K + 1, C, s, s), float16: half the memory and file
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            torch.save({"key": digest, "cond": self.cond, "paths": self.paths}, tmp)
-            os.replace(tmp, cache)
+            with atomic_path(cache) as tmp:  # a per-process temporary name: DDP ranks each write the same data
+                torch.save({"key": digest, "cond": self.cond, "paths": self.paths}, tmp)
 
     def __len__(self) -> int:
         return len(self.paths)
