@@ -98,6 +98,37 @@ $B evaluate runs/ldm-v4s8 --data datasets/ixi-t1-mni --quiet --force
 .venv/bin/python benchmarks/bench_sampler.py runs/ldm-distill --data datasets/ixi-t1-mni --split val --steps 8 \
     --solvers heun --student --out benchmarks/results/generator/sampler_ldm_v5_val_inplace.json
 
+# v6, v7 (session 10): the student trained on from v5 on 38,700 new teacher paths (40 min), then from v6 on 19,350
+# more (25 min): validation C2ST 0.720, 0.734: regression onto the teacher's endpoints levels off. Not shipped.
+[ -f runs/ldm-v6/summary.json ] || $B train benchmarks/results/generator/config_ldm_v6.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-v6 --quiet
+[ -f runs/ldm-v7/summary.json ] || $B train benchmarks/results/generator/config_ldm_v7.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-v7 --quiet
+for v in v6 v7; do
+    .venv/bin/python benchmarks/bench_sampler.py runs/ldm-$v --data datasets/ixi-t1-mni --split val --steps 0 --student \
+        --out benchmarks/results/generator/sampler_ldm_${v}_val.json
+done
+
+# v8 (session 11, shipped): the student trained on from v7 for 30 min with a conditional latent critic
+# (distill_adv = 0.5) against the training slices' own latents. Chosen on validation (C2ST 0.684), then measured
+# once on test with its default sampler (the student's 2 Euler steps) and shipped as float16.
+[ -f runs/ldm-v8/summary.json ] || $B train benchmarks/results/generator/config_ldm_v8.toml \
+    --data datasets/ixi-t1-mni --out runs/ldm-v8 --quiet
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-v8 --data datasets/ixi-t1-mni --split val --steps 0 --student \
+    --out benchmarks/results/generator/sampler_ldm_v8_val.json
+[ -d runs/ldm-v8s ] || .venv/bin/python -c "from brainvae.export import export_model; export_model('runs/ldm-v8', \
+    'runs/ldm-v8s', name='ixi-t1-128', half=True, model_overrides={'sampler': 'student'})"
+$B evaluate runs/ldm-v8s --data datasets/ixi-t1-mni --split val --quiet --force
+.venv/bin/python benchmarks/zoom_before_after.py runs/ldm-v4s8 runs/ldm-v8s --data datasets/ixi-t1-mni \
+    --out benchmarks/results/generator/zoom_v4_v8_student_val.png
+$B evaluate runs/ldm-v8s --data datasets/ixi-t1-mni --quiet --force
+$B utility runs/ldm-v8s --data datasets/ixi-t1-mni --ratios 1 --repeats 3 --quiet --force
+.venv/bin/python benchmarks/bench_sampler.py runs/ldm-v8 --data datasets/ixi-t1-mni --steps 2 4 8 --solvers heun \
+    --student --out benchmarks/results/sampler_ixi-t1-128-v8_steps.json
+.venv/bin/python -c "from brainvae.export import export_model; export_model('runs/ldm-v8', \
+    'src/brainvae/pretrained/ixi-t1-128', name='ixi-t1-128', force=True, half=True, \
+    metrics='runs/ldm-v8s/eval/metrics.json', model_overrides={'sampler': 'student'})"
+
 # Issue 12's comparison: the default configs of ldm, resvae and vae with the same 20-minute budget each, and the
 # shipped model as a reference row, all on the test split (results copied to benchmarks/results/compare-20m/).
 $B compare ldm resvae vae --data datasets/ixi-t1-mni --budget 20m --out runs/compare-20m --include ixi-t1-128 --quiet

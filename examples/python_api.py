@@ -24,16 +24,17 @@ def main(out: Path) -> None:
     print(f"{MODEL}: {model.arch}, {model.config.image_size} px, conditioned on {', '.join(model.config.conditions)}")
 
     # Tensors in, tensors out: (n, 1, H, W) in [0, 1]. Age in years, sex "M" / "F", position 0 (bottom) to 1
-    # (top of the brain); one value for all samples or one per sample. steps: the ldm's prior integration steps.
+    # (top of the brain); one value for all samples or one per sample. The model samples with its distilled
+    # student (2 network passes); sampler="prior" gives the prior's own sampler (steps=..., guidance=...).
     g = torch.Generator().manual_seed(0)
-    x = model.generate(4, {"age": torch.tensor([20.0, 40.0, 60.0, 80.0]), "sex": "F", "position": 0.5}, g, steps=8)
+    x = model.generate(4, {"age": torch.tensor([20.0, 40.0, 60.0, 80.0]), "sex": "F", "position": 0.5}, g)
     print(f"generate: {tuple(x.shape)}, values {x.min():.2f}..{x.max():.2f}")
 
     # Files on disk, as `brainvae sample ixi-t1-128 -n 8 --age 30 --sex F --position 0.5 --out OUT/age30-F` writes.
     for age, sex in ((30, "F"), (75, "M")):
         cond = G.conditions(model, age, sex, 0.5)  # validated: an unknown key or an age of 300 is an error
-        images = G.sample_images(model, 8, cond, seed=0, sampler={"steps": 8})  # (8, H, W) numpy
-        meta = G.sample_meta(MODEL, model, 8, 0, cond, {"steps": 8})
+        images = G.sample_images(model, 8, cond, seed=0)  # (8, H, W) numpy
+        meta = G.sample_meta(MODEL, model, 8, 0, cond, None)
         path = G.export_samples(images, out / f"age{age}-{sex}", G.spacing_of(MODEL), meta, force=True)
         print(f"age {age}, sex {sex} -> {path / 'grid.png'}")
 

@@ -207,6 +207,23 @@ def test_dependencies_licence_and_citation():
     assert str(cff["version"]) == project["version"] and cff["message"] and cff["authors"][0]["name"]
 
 
+def test_every_shipped_model_has_a_card_a_config_and_weights():
+    from safetensors import safe_open
+
+    folders = [p for p in sorted((ROOT / "src" / "brainvae" / "pretrained").glob("*")) if p.is_dir()
+               and p.name != "__pycache__"]
+    if not folders:
+        pytest.skip("no pretrained model in src/brainvae/pretrained/")
+    for folder in folders:
+        card = folder / "MODEL_CARD.md"
+        assert card.is_file() and card.read_text().startswith(f"# {folder.name}\n"), card
+        assert load_config(RunConfig, folder / "config.toml").arch, folder  # a valid run config
+        weights = folder / "checkpoints" / "best.safetensors"
+        assert weights.is_file(), f"{folder.name}: no checkpoints/best.safetensors"
+        with safe_open(str(weights), "pt") as f:  # real weights, not a Git LFS pointer
+            assert list(f.keys()), weights
+
+
 def test_configs_by_name_after_a_non_editable_install(tmp_path):
     """Build the wheel (what `pip install .` installs), unpack it, and resolve a config by name from it."""
     project = tmp_path / "project"  # a copy, so the build leaves nothing in the checkout

@@ -72,11 +72,12 @@ def test_a_distilled_student_reaches_the_teachers_samples_in_two_steps(toy_flow)
 
     eps = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(5))
     target = path(eps)
-    assert teacher.distill_loss(path(eps[:8]), None).shape == (8,)
+    loss8, end8 = teacher.distill_loss(path(eps[:8]), None)
+    assert loss8.shape == (8,) and torch.allclose(end8, teacher.integrate(eps[:8], 1.0, None, 2, solver="euler"))
     student = copy.deepcopy(teacher).requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     for _ in range(300):
-        loss = student.distill_loss(path(torch.randn(128, 1, 2, 2)), None).mean()
+        loss = student.distill_loss(path(torch.randn(128, 1, 2, 2)), None)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -89,7 +90,7 @@ def test_a_distilled_student_reaches_the_teachers_samples_in_two_steps(toy_flow)
     # distill_loss follows the student's own K-step Euler sampler: on that sampler's path its loss is zero
     own = torch.stack([eps, teacher.integrate(eps, 1.0, None, 1, solver="euler", t_end=0.5),
                        teacher.integrate(eps, 1.0, None, 2, solver="euler")], 1)
-    assert teacher.distill_loss(own, None).abs().max() < 1e-8
+    assert teacher.distill_loss(own, None)[0].abs().max() < 1e-8
 
 
 def test_guidance_zero_is_the_unconditional_sampler_and_one_the_conditional():
@@ -293,6 +294,49 @@ def test_distill_stage_trains_a_few_step_student_of_the_prior_sampler(tiny_store
     assert done.exit_code == 0, done.output
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())["sampler"]
     assert meta["sampler"] == "prior" and meta["steps"] == 2 and "distilled_from" not in meta
+
+
+def test_distill_stage_with_a_critic_trains_it_against_the_slices_own_latents(tiny_store, tmp_path):
+    """distill_adv > 0: the student's samples meet a conditional latent critic. Each teacher-path row carries its
+    own slice's latent; the critic and the student both train, the adversarial term is logged, the stage keeps
+    its last weights (the critic's term moves the student off the regression optimum), and the run samples."""
+    first = tmp_path / "first"
+    train(first, tiny_store, run_cfg(steps=8), progress=False)
+    model_cfg = {**TINY_LDM, "prior": {**TINY_LDM["prior"], "steps": 4}, "student": {**TINY_LDM["prior"], "steps": 2},
+                 "distill_repeats": 2, "distill_adv": 0.5, "sampler": "student"}
+    cfg = RunConfig(model=model_cfg, train=run_cfg(steps=8).train,
+                    stages={"prior": {"share": 0.25}, "distill": {"share": 0.25, "steps": 6, "lr": 1e-2}},
+                    init={"from": str(first), "start": "distill"})
+    summary = train(tmp_path / "second", tiny_store, cfg, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == ["autoencoder", "prior", "distill"]
+    after = load(tmp_path / "second")
+    fresh = build("ldm", {k: v for k, v in model_cfg.items() if k != "arch"})
+    assert after.unselected_stages == ("decoder", "distill")
+    assert any(not torch.equal(v, fresh.student_critic.state_dict()[k])
+               for k, v in after.student_critic.state_dict().items() if v.dtype.is_floating_point)
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train/adv", 0) != 0 for r in rows)
+    assert after.sample(2, {"age": 40.0}, torch.Generator().manual_seed(0)).shape == (2, 1, 32, 32)
+
+    # a batch: each row's teacher path, then a posterior sample of its own slice's latent, standardised
+    from brainvae.data.dataset import SliceBatches
+    from brainvae.data.store import SliceStore
+
+    data = SliceBatches(SliceStore(tiny_store), "train", 32)
+    paths = TeacherPaths(data, after.eval(), repeats=2, seed=0)
+    n = len(data)
+    x, _ = paths.batch(np.arange(2 * n))
+    assert x.shape == (2 * n, 4, *after.flow.latent_shape)  # K + 1 = 3 path points, then the real latent
+    with torch.no_grad():
+        posterior = after.autoencoder.encode(data.batch(np.arange(n))[0])
+    own = after._standardise(posterior.mean)
+    spread = (0.5 * posterior.logvar).exp() / after.latent_std[:, None, None]
+    for rows in (slice(0, n), slice(n, 2 * n)):  # both repeats: within 5 posterior stds of the slice's own mean
+        assert ((x[rows, -1] - own).abs() <= 5 * spread + 1e-4).float().mean() > 0.99
+    # the critic's loss: hinge on real latents vs the student's samples
+    after.set_stage("distill")
+    d = after.disc_loss(x[:4], x[:4, -2], {k: v[:4] for k, v in paths.cond.items()})
+    assert d.shape == (4,) and torch.isfinite(d).all()
 
 
 def test_teacher_paths_keep_the_conditions_the_teacher_sampled_under(tiny_store):

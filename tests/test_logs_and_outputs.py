@@ -1,23 +1,31 @@
 """Issue 11 §3-§4: logs under a scheduler (plain lines, --quiet, --log-file), what `sample` / `reconstruct` write
-(greyscale PNGs, an honest NIfTI, meta.json), runs refused on a store that does not match, the API example."""
+(greyscale PNGs, an honest NIfTI, meta.json with the conditions used), a run's provenance, runs refused on a
+store that does not match, the API example."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import brainvae
+from brainvae import generate as G
 from brainvae import progress
 from brainvae.cli import app
 from brainvae.data.store import SliceStore
+from brainvae.evaluate import run_eval
+from brainvae.hardware import cpu_model, git_commit
 from brainvae.io.download import file_sha256
 from brainvae.rundir import RunDir, shipped_models
 
@@ -91,6 +99,55 @@ def test_quiet_keeps_the_start_line_and_summary_and_the_log_its_progress(tiny_st
     assert r.exit_code == 1 and "may not lie inside the output folder" in r.output
 
 
+def test_quiz_make_logs_its_start_line_and_summary(trained, tmp_path):
+    store, run, _, _ = trained
+    out, log = tmp_path / "quiz", tmp_path / "quiz.log"
+    r = invoke("quiz", "make", run, "--data", store, "-n", 4, "--out", out, "--device", "cpu", "--log-file", log)
+    assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert lines[0] == f"quiz make: 2 samples of {run}, 2 real test slices of {store} -> {out}"
+    assert lines[-1].startswith(f"quiz of 4 images -> {out / 'quiz.html'}")
+    assert plain(log.read_text()) == lines
+
+
+def test_utility_logs_its_start_line_and_summary(trained, tmp_path, monkeypatch):
+    """The stubbed utility study (tests/test_utility.py runs it) leaves the CLI's own lines to check."""
+    from brainvae.evaluate import utility
+
+    store, run, _, _ = trained
+    monkeypatch.setattr(utility, "write_utility", lambda run, data, out, cfg, **kwargs:
+                        (out, {"tasks": {"sex": {"n_test_subjects": 1}}}))
+    monkeypatch.setattr(utility, "format_table", lambda metrics: "arm  sex  age_band")
+    log = tmp_path / "utility.log"
+    r = invoke("utility", run, "--data", store, "--ratios", "1,2", "--steps", 5, "--log-file", log)
+    assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert lines == [f"utility of {run} on {store}: synthetic:real ratios 1, 2, 5 steps x 1 seed(s) per arm -> "
+                     f"{run / 'utility'}", "arm  sex  age_band",
+                     f"balanced accuracy on 1 real test subjects, 95 % subject-bootstrap CI -> "
+                     f"{run / 'utility' / 'metrics.json'}"]
+    assert plain(log.read_text()) == lines
+
+
+def test_demo_logs_its_steps(tmp_path, monkeypatch):
+    """The demo's step lines and summary reach --log-file (its pipeline stubbed: each stage has its own tests)."""
+    import brainvae.demo as demo
+
+    for name in ("simulate_cohort", "find_scans", "describe_dataset", "prepare_dataset", "train", "G", "SliceStore",
+                 "evaluate_run", "write_utility", "anomalies_store", "evaluate_anomaly", "make_quiz", "write_report"):
+        monkeypatch.setattr(demo, name, mock.MagicMock())
+    demo.G.reconstruct_split.return_value = (None, None)  # (real, reconstructed)
+    monkeypatch.setattr(demo, "shipped_models", lambda: {})
+    out, log = tmp_path / "demo", tmp_path / "demo.log"
+    r = invoke("demo", "--out", out, "--log-file", log)
+    assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert re.fullmatch(r"\[ +\d+\.\ds\] simulate 24 subjects \(SIMULATED data from the MNI152 template\)", lines[0])
+    assert lines[-5].endswith("] done")
+    assert lines[-4] == f"report: {out / 'report.html'}   quiz: {out / 'quiz' / 'quiz.html'}"
+    assert plain(log.read_text()) == lines
+
+
 def test_prepare_lists_subjects_without_age_or_sex_and_without_skull_stripping(ixi_folder, tmp_path):
     (ixi_folder / "demographics.csv").unlink()
     for mask in (ixi_folder / "masks").iterdir():
@@ -113,13 +170,28 @@ def test_prepare_lists_subjects_without_age_or_sex_and_without_skull_stripping(i
     assert lines[-2].startswith("prepared ") and lines[-1].startswith("problems are listed in ")
 
 
+def test_a_trained_run_records_its_commit_hardware_and_store(trained):
+    store, run, _, _ = trained
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["git_commit"] == git_commit()
+    if Path(brainvae.__file__).resolve().is_relative_to(ROOT) and (ROOT / ".git").exists():  # tests of a checkout
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", prov["git_commit"]), prov["git_commit"]
+    assert prov["hardware"]["cpu_model"] == cpu_model() and prov["hardware"]["cpu_model"]
+    assert prov["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["store"] == str(store) and prov["store_fingerprint"] == SliceStore(store).fingerprint()
+
+
 # -- outputs of sample and reconstruct -------------------------------------------------------------------------
 
 def test_sample_writes_greyscale_pngs_an_honest_nifti_and_its_conditions(trained, tmp_path):
     _, run, _, _ = trained
-    out = tmp_path / "samples"
-    r = invoke("sample", run, "-n", 3, "--age", 70, "--sex", "female", "--out", out)
+    out, log = tmp_path / "samples", tmp_path / "sample.log"
+    r = invoke("sample", run, "-n", 3, "--age", 70, "--sex", "female", "--out", out, "--log-file", log)
     assert r.exit_code == 0, r.output
+    lines = plain(r.output)
+    assert lines[0] == f"sample 3 slices from {run} (cvae, seed 0) -> {out}" and lines[-1] == f"3 samples -> {out}"
+    assert any(line.startswith("warning: age 70 is outside the ages of run's training subjects") for line in lines)
+    assert plain(log.read_text()) == lines  # --log-file: the start line, the warning and the summary
     for png in (out / "grid.png", out / "png" / "0000.png"):
         assert Image.open(png).mode == "L"  # 8-bit greyscale, not a colour-mapped RGBA
     img = nib.load(out / "slices.nii.gz")
@@ -130,8 +202,15 @@ def test_sample_writes_greyscale_pngs_an_honest_nifti_and_its_conditions(trained
     meta = json.loads((out / "meta.json").read_text())
     best = run / "checkpoints" / "best.safetensors"
     assert meta["images"] == description and meta["n"] == 3 and meta["seed"] == 0
-    assert meta["cond"] == {"age": 70.0, "sex": "F", "position": "not given"}
+    assert meta["cond"] == {"age": 70.0, "sex": "F", "position": "not given (set to 0.5)"}  # the value cvae used
     assert meta["checkpoint"] == {"path": str(best), "sha256": file_sha256(best), "step": 3, "stage": 0}
+
+    model = G.load(run)
+    assert G.sample_meta(run, model, 1, 0, None, None)["cond"] == {
+        "age": "not given (set to 50.0)", "sex": "not given (set to unknown)", "position": "not given (set to 0.5)"}
+    model.fills_missing_conditions = False  # as an ldm, trained with conditions hidden: it marginalises them
+    assert G.sample_meta(run, model, 1, 0, {"sex": 1.0}, None)["cond"] == {
+        "age": "not given (marginalised)", "sex": "M", "position": "not given (marginalised)"}
 
 
 def test_reconstructions_label_which_half_is_real(trained, tmp_path):
@@ -164,7 +243,7 @@ def test_a_store_of_another_size_needs_resize(trained, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_evaluate_refuses_training_subjects_and_warns_on_another_store(trained, tmp_path):
+def test_evaluate_refuses_training_subjects_and_warns_on_another_store(trained, tmp_path, monkeypatch):
     store, run, _, _ = trained
     other = make_store(tmp_path / "other", seed=1)  # the same source checksums as the training store
     r = invoke("evaluate", run, "--data", other, "--out", tmp_path / "e")
@@ -177,6 +256,22 @@ def test_evaluate_refuses_training_subjects_and_warns_on_another_store(trained, 
     warning = rd.other_store_warning(SliceStore(other), "test")
     assert warning.startswith(f"{other} is not the store run was trained on ({store})")
 
+    # the CLI says so, on the console and in its log (the evaluation itself is stubbed: only the warning is tested)
+    evaluated = []
+
+    def evaluate_run(run, store, out, **kwargs):
+        evaluated.append(store.path)
+        return {"summary": [], "n": 0}
+
+    monkeypatch.setattr(run_eval, "evaluate_run", evaluate_run)
+    log = tmp_path / "evaluate.log"
+    r = invoke("evaluate", run, "--data", other, "--out", tmp_path / "e", "--log-file", log)
+    assert r.exit_code == 0, r.output
+    assert evaluated == [other]
+    lines = plain(r.output)
+    assert lines[0] == f"warning: {warning}" and lines[1].startswith(f"evaluate {run} on {other} (test split")
+    assert plain(log.read_text()) == lines
+
 
 # -- the Python API example ------------------------------------------------------------------------------------
 
@@ -186,5 +281,6 @@ def test_python_api_example_runs_on_the_shipped_model(tmp_path, monkeypatch, cap
     runpy.run_path(str(ROOT / "examples" / "python_api.py"), run_name="__main__")
     assert "generate: (4, 1, 128, 128)" in capsys.readouterr().out
     meta = json.loads((tmp_path / "age75-M" / "meta.json").read_text())
-    assert meta["cond"] == {"age": 75.0, "sex": "M", "position": 0.5} and meta["sampler"]["steps"] == 8
+    assert meta["cond"] == {"age": 75.0, "sex": "M", "position": 0.5}
+    assert meta["sampler"]["sampler"] == "student" and meta["sampler"]["steps"] == 2  # the shipped default
     assert Image.open(tmp_path / "age75-M" / "png" / "0007.png").size == (128, 128)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from brainvae.conditions import NEUTRAL
 from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.blocks import NoGradInplaceSiLU
 from brainvae.models.registry import architectures, build, make_config
@@ -165,6 +166,22 @@ def test_conditional_model_uses_its_conditions():
     young = model.sample(2, {"age": 20.0, "sex": 1.0, "position": 0.5}, g())
     old = model.sample(2, {"age": 80.0, "sex": 1.0, "position": 0.5}, g())
     assert not torch.allclose(young, old)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("dae", "fae")])  # dae, fae do not generate
+def test_conditions_left_out_are_handled_as_the_model_declares(arch):
+    """``fills_missing_conditions`` is what samples' meta.json reports ("not given (set to 0.5)" or
+    "(marginalised)"): a model that declares it samples with ``conditions.NEUTRAL`` in place of a left-out key."""
+    model = tiny(arch, conditions=("age", "sex", "position")).eval()
+    if not model.fills_missing_conditions:
+        # marginalises (trained with conditions hidden); an untrained one cannot show it, and a new model must choose
+        assert arch == "ldm"
+        return
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    given = {"age": 70.0, "sex": -1.0}  # position left out
+    neutral = model.sample(2, {**given, "position": NEUTRAL["position"]}, g())
+    assert torch.equal(model.sample(2, given, g()), neutral)
+    assert not torch.equal(model.sample(2, {**given, "position": 0.9}, g()), neutral)  # position matters
 
 
 def test_loud_errors(tmp_path):

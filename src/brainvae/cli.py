@@ -405,25 +405,29 @@ def sample_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/samples).")] = None,
     steps: Steps = None, guidance: Guidance = None, solver: Solver = None, guide: Guide = None,
     sampler: Sampler = None,
-    device: Device = "auto", force: Force = False,
+    device: Device = "auto", force: Force = False, log_file: LogFile = None,
 ) -> None:
     """Generate new slices: PNG grid, one greyscale PNG each, NIfTI (images along axis 4), .npy, meta.json."""
     from . import generate as G
     from .errors import OutputExistsError
+    from .progress import log_to, say
     from .train.engine import resolve_device
 
     out = out or RunDir.resolve(run).output("samples")
     refuse_overlap(out, [RunDir.resolve(run).path], inside_ok=True)  # --out RUN --force would delete the run
     if out.exists() and not force:
         raise OutputExistsError(out)
-    model = G.load(run, device=resolve_device(device))
-    cond = G.conditions(model, age, sex, position)
-    if warning := RunDir.resolve(run).age_warning(age):
-        typer.secho(f"warning: {warning}", fg="yellow", err=True)
-    options = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide, "sampler": sampler}
-    images = G.sample_images(model, n, cond, seed, sampler=options)
-    G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, options), force=force)
-    typer.echo(f"{n} samples -> {out}")
+    with log_to(log_file, out):
+        model = G.load(run, device=resolve_device(device))
+        cond = G.conditions(model, age, sex, position)
+        say(f"sample {n} slices from {run} ({model.arch}, seed {seed}) -> {out}", err=True)
+        if warning := RunDir.resolve(run).age_warning(age):
+            say(f"warning: {warning}", err=True, fg="yellow")
+        options = {"steps": steps, "guidance": guidance, "solver": solver, "guide": guide, "sampler": sampler}
+        images = G.sample_images(model, n, cond, seed, sampler=options)
+        G.export_samples(images, out, G.spacing_of(run), G.sample_meta(run, model, n, seed, cond, options),
+                         force=force)
+        say(f"{n} samples -> {out}")
 
 
 @app.command("reconstruct")
@@ -498,29 +502,30 @@ def evaluate_cmd(
 ) -> None:
     """Samples and reconstructions against real test slices (FD, KID, PRDC, memorisation...), each beside its floor."""
     from .evaluate.run_eval import evaluate_run
-    from .progress import log_to
+    from .progress import log_to, say
     from .train.engine import resolve_device
 
     refuse_output_over(out, run, (data, extractor))
     out = out or RunDir.resolve(run).output("eval" if split == "test" else f"eval-{split}")
     store = checked_store(run, data, resize)
-    if warning := RunDir.resolve(run).other_store_warning(store, split):
-        typer.secho(f"warning: {warning}", fg="yellow", err=True)
-    typer.echo(f"evaluate {run} on {data} ({split} split, n = {n}) -> {out}", err=True)
+    warning = RunDir.resolve(run).other_store_warning(store, split)  # an error when it holds training subjects
+
+    def cell(v) -> str:
+        return "" if v is None else f"{v:.4g}"
+
     with log_to(log_file, out):
+        if warning:
+            say(f"warning: {warning}", err=True, fg="yellow")
+        say(f"evaluate {run} on {data} ({split} split, n = {n}) -> {out}", err=True)
         metrics = evaluate_run(run, store, out, n=n, seed=seed, extractor=extractor, force=force,
                                progress=not quiet, featnet_steps=featnet_steps, predictor_steps=predictor_steps,
                                device=resolve_device(device), split=split,
                                sampler={"steps": steps, "guidance": guidance, "solver": solver, "guide": guide,
                                         "sampler": sampler})
-
-    def cell(v) -> str:
-        return "" if v is None else f"{v:.4g}"
-
-    typer.echo(f"{'metric':<34} {'model':>10} {'floor':>10} {'ratio':>8}")
-    for row in metrics["summary"]:
-        typer.echo(f"{row['metric']:<34} {cell(row['model']):>10} {cell(row['floor']):>10} {cell(row['ratio']):>8}")
-    typer.echo(f"floor = real train vs real {split} slices (n = {metrics['n']}); -> {out / 'metrics.json'}")
+        say(f"{'metric':<34} {'model':>10} {'floor':>10} {'ratio':>8}")
+        for row in metrics["summary"]:
+            say(f"{row['metric']:<34} {cell(row['model']):>10} {cell(row['floor']):>10} {cell(row['ratio']):>8}")
+        say(f"floor = real train vs real {split} slices (n = {metrics['n']}); -> {out / 'metrics.json'}")
 
 
 @app.command("demo")
@@ -528,12 +533,14 @@ def evaluate_cmd(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo_out"),
     subjects: Annotated[int, typer.Option(help="Simulated subjects.")] = 24,
-    force: Force = False, quiet: Quiet = False,
+    force: Force = False, quiet: Quiet = False, log_file: LogFile = None,
 ) -> None:
     """Run the whole pipeline on the embedded SIMULATED data (no download)."""
     from .demo import run_demo
+    from .progress import log_to
 
-    run_demo(out, subjects=subjects, force=force, progress=not quiet)
+    with log_to(log_file, out):
+        run_demo(out, subjects=subjects, force=force, progress=not quiet)
 
 
 @app.command("report")
@@ -564,17 +571,20 @@ def quiz_make(
     n: Annotated[int, typer.Option("-n", "--n", help="Images in the quiz (half real, half synthetic).")] = 40,
     seed: int = 0,
     out: Annotated[Path, typer.Option(help="Folder for quiz.html, key.csv and meta.json.")] = Path("quiz"),
-    device: Device = "auto", force: Force = False, resize: Resize = False,
+    device: Device = "auto", force: Force = False, resize: Resize = False, log_file: LogFile = None,
 ) -> None:
     """Write quiz.html (give it to readers) and its hidden key.csv (keep it)."""
+    from .progress import log_to, say
     from .report.quiz import make_quiz
     from .train.engine import resolve_device
 
     refuse_output_over(out, run, (data,))
     checked_store(run, data, resize)
-    path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
-    typer.echo(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
-               f"the key is {path / 'key.csv'})")
+    with log_to(log_file, out):
+        say(f"quiz make: {n - n // 2} samples of {run}, {n // 2} real test slices of {data} -> {out}", err=True)
+        path = make_quiz(run, data, out, n=n, seed=seed, device=resolve_device(device), force=force)
+        say(f"quiz of {n} images -> {path / 'quiz.html'} (give only this file to readers; "
+            f"the key is {path / 'key.csv'})")
 
 
 @quiz_app.command("score")
@@ -687,17 +697,22 @@ def utility_cmd(
     ratios: Annotated[str, typer.Option(help="Synthetic:real ratios of the mixed arms, comma-separated.")] = "0.5,1,2",
     steps: Annotated[int, typer.Option(help="Classifier training steps, the same for every arm.")] = 400,
     repeats: Annotated[int, typer.Option(help="Classifier seeds per arm (scores are averaged).")] = 1,
-    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False,
+    seed: int = 0, device: Device = "auto", force: Force = False, quiet: Quiet = False, log_file: LogFile = None,
 ) -> None:
     """Does synthetic data help? Sex and age-band classifiers on real, real+synthetic and synthetic slices."""
     from .evaluate.utility import UtilityConfig, format_table, parse_ratios, write_utility
+    from .progress import log_to, say
 
     refuse_output_over(out, run, (data,))
     cfg = UtilityConfig(ratios=parse_ratios(ratios), steps=steps, repeats=repeats, seed=seed)
-    path, metrics = write_utility(run, data, out, cfg, device=device, force=force, progress=not quiet)
-    typer.echo(format_table(metrics))
-    typer.echo(f"balanced accuracy on {metrics['tasks']['sex']['n_test_subjects']} real test subjects, "
-               f"{int(100 * cfg.level)} % subject-bootstrap CI -> {path / 'metrics.json'}")
+    out = out or RunDir.resolve(run).output("utility")
+    with log_to(log_file, out):
+        say(f"utility of {run} on {data}: synthetic:real ratios {', '.join(f'{r:g}' for r in cfg.ratios)}, "
+            f"{steps} steps x {repeats} seed(s) per arm -> {out}", err=True)
+        path, metrics = write_utility(run, data, out, cfg, device=device, force=force, progress=not quiet)
+        say(format_table(metrics))
+        say(f"balanced accuracy on {metrics['tasks']['sex']['n_test_subjects']} real test subjects, "
+            f"{int(100 * cfg.level)} % subject-bootstrap CI -> {path / 'metrics.json'}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import typer
-
 from . import generate as G
 from .config import PrepareConfig, RunConfig, TrainConfig
 from .data.prepare import prepare_dataset
@@ -26,6 +24,7 @@ from .evaluate.run_eval import evaluate_run
 from .evaluate.utility import UtilityConfig, write_utility
 from .io.phantom import simulate_cohort
 from .io.scan import find_scans
+from .progress import say
 from .report.quiz import make_quiz
 from .report.report import write_report
 from .rundir import RunDir, shipped_models
@@ -48,7 +47,7 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     t0 = time.perf_counter()
 
     def step(name: str) -> None:
-        typer.secho(f"[{time.perf_counter() - t0:6.1f}s] {name}", fg="cyan")
+        say(f"[{time.perf_counter() - t0:6.1f}s] {name}", fg="cyan")
 
     step(f"simulate {subjects} subjects (SIMULATED data from the MNI152 template)")
     cohort = out / "simulated"
@@ -97,10 +96,10 @@ def run_demo(out: Path, *, subjects: int = 24, force: bool = False, progress: bo
     write_report([run], out / "report.html", force=True)
 
     step("done")
-    typer.echo(f"report: {out / 'report.html'}   quiz: {out / 'quiz' / 'quiz.html'}")
-    typer.echo(f"dataset description: {out / 'describe' / 'index.html'}")
-    typer.echo(f"slice store: {store}")
-    typer.echo(f"run: {run} (samples-age*/grid.png, reconstructions/grid.png; tensorboard --logdir {run / 'tb'})")
+    say(f"report: {out / 'report.html'}   quiz: {out / 'quiz' / 'quiz.html'}")
+    say(f"dataset description: {out / 'describe' / 'index.html'}")
+    say(f"slice store: {store}")
+    say(f"run: {run} (samples-age*/grid.png, reconstructions/grid.png; tensorboard --logdir {run / 'tb'})")
 
 
 def _sample(run, model, age: float, sex: str, out: Path, spacing: float, n: int = 16) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conditions import check_conditions
+from .conditions import NEUTRAL, check_conditions
 from .config import RunConfig, load_config
 from .data.dataset import SliceBatches
 from .data.store import SliceStore
@@ -125,14 +125,23 @@ def export(images: np.ndarray, out: Path, spacing: float, meta: dict, *, descrip
 
 def sample_meta(run: str | Path, model, n: int, seed: int, cond: dict | None, sampler: dict | None) -> dict:
     """meta.json of sampled images: the checkpoint (path, SHA-256, step), the seed, ``cond``: each condition of
-    the model as given (sex "M" / "F") or "not given" (then set to ``conditions.NEUTRAL``, or marginalised by a
-    model with a learned prior: ldm), and the sampler settings used."""
+    the model as used: the value given (sex "M" / "F"), or for one left out "not given (set to 0.5)" where the
+    model sets it to ``conditions.NEUTRAL`` (``fills_missing_conditions``), else "not given (marginalised)"
+    (ldm); and the sampler settings used."""
     from .train.checkpoint import describe_checkpoint
 
     cond = cond or {}
     sexes = {1.0: "M", -1.0: "F", 0.0: "unknown"}
-    used = {k: (sexes[cond[k]] if k == "sex" else cond[k]) if k in cond else "not given"
-            for k in model.config.conditions}
+
+    def shown(key: str, value: float):
+        return sexes[value] if key == "sex" else value
+
+    def left_out(key: str) -> str:
+        if model.fills_missing_conditions:
+            return f"not given (set to {shown(key, NEUTRAL[key])})"
+        return "not given (marginalised)"
+
+    used = {k: shown(k, cond[k]) if k in cond else left_out(k) for k in model.config.conditions}
     return {"run": str(run), "checkpoint": describe_checkpoint(checkpoint_path(run)), "n": n, "seed": seed,
             "cond": used, "sampler": model.sampler_settings(**(sampler or {}))}
 

@@ -52,9 +52,13 @@ def bar(iterable=None, *, disable: bool = False, **kwargs) -> tqdm:
     return tqdm(iterable, file=_Lines(targets), disable=not targets, **kwargs)
 
 
-def say(text: str, *, err: bool = False) -> None:
-    """A line on the console (stdout, or stderr with ``err``), and in the log file inside ``log_to``."""
-    typer.echo(text, err=err)
+def say(text: str, *, err: bool = False, fg: str | None = None) -> None:
+    """A line on the console (stdout, or stderr with ``err``; coloured ``fg`` on a terminal), and in the log
+    file inside ``log_to`` (plain)."""
+    if fg:
+        typer.secho(text, err=err, fg=fg)
+    else:
+        typer.echo(text, err=err)
     for log in _logs:
         log.write(text + "\n")
         log.flush()

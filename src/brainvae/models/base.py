@@ -188,6 +188,9 @@ class BrainModel(nn.Module):
     # before the stage may take its weights from a model that lacks them (e.g. an ldm given a guide network).
     stage_owned: dict[str, str] = {}
     sample_options: tuple[str, ...] = ()  # keyword options of sample() beyond (n, cond, generator)
+    # True: sample() sets a condition left out to conditions.NEUTRAL (default_cond); False: it takes only the given
+    # ones (ldm: trained with conditions hidden, it marginalises the others). Samples' meta.json records which.
+    fills_missing_conditions: bool = False
     fixed_sigma: float = 0.1  # per-pixel std of the likelihood decode_params assumes (models without their own)
     score_smoothing: float = 1.5  # px: Gaussian sigma applied to |dKL/dx| by the KL scores
 
@@ -330,5 +333,6 @@ class BrainModel(nn.Module):
         return out
 
     def default_cond(self, n: int, cond: Cond = None) -> dict[str, Tensor]:
-        """Conditions for sampling: given values broadcast to n; missing ones set to ``conditions.NEUTRAL``."""
+        """Conditions for sampling: given values broadcast to n; missing ones set to ``conditions.NEUTRAL``
+        (a model whose ``sample`` calls this sets ``fills_missing_conditions``)."""
         return self.given_cond(n, {**NEUTRAL, **{k: v for k, v in (cond or {}).items() if v is not None}})

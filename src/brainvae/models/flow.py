@@ -277,8 +277,9 @@ class FlowPrior(nn.Module):
         return z
 
     # -- distillation -------------------------------------------------------------------------------
-    def distill_loss(self, path: Tensor, c: Tensor | None) -> Tensor:
-        """Few-step distillation loss per sample (B,) of this network as a student sampler.
+    def distill_loss(self, path: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Few-step distillation loss per sample (B,) of this network as a student sampler, and where its K steps
+        land (B, C, s, s).
 
         ``path`` (B, K + 1, C, s, s): a teacher's sampling path at the student's times 1, 1 - 1/K, ..., 0, from
         its noise ``path[:, 0]``; ``c`` the conditions the teacher sampled under. The student takes its own K
@@ -294,4 +295,4 @@ class FlowPrior(nn.Module):
             t, t_next = 1 - k / k_steps, 1 - (k + 1) / k_steps
             z = z + (t_next - t) * self.velocity(z, torch.full((len(z),), t, device=z.device), c)
             loss = loss + (z - path[:, k + 1]).pow(2).flatten(1).sum(1)
-        return loss / k_steps
+        return loss / k_steps, z

@@ -29,6 +29,9 @@ Stable Diffusion 3 (Esser et al. 2024):
    the prior's weights) learns to reach in K Euler steps (``steps``, e.g. 2) where the prior's own sampler (its
    ``[model.prior]`` steps, solver, guidance and guide: e.g. 8 Heun steps with autoguidance, 30 network passes)
    lands from the same noise and conditions (``TeacherPaths``). ``sampler = "student"`` samples with it.
+   Regression onto the teacher's endpoints alone averages away fine texture; ``distill_adv > 0`` adds a
+   conditional critic on the latent (``LatentCritic``, trained against the encoded training slices) whose hinge
+   term rewards students whose samples look like real latents (adversarial distillation, Sauer et al. 2023/2024).
 
 One registry entry, one config (``[model.autoencoder]``, ``[model.prior]``, ``[model.guide]``),
 one run folder; the engine trains the stages in order (``RunConfig.stage_plan``).
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..config import check, from_dict
 from ..errors import BrainVAEError
@@ -99,6 +103,31 @@ def zero_background(x: Tensor, threshold: float, min_share: float = 0.05) -> Ten
     return x * torch.from_numpy(keep[:, None]).to(x.device, x.dtype)
 
 
+class LatentCritic(nn.Module):
+    """The distill stage's critic: (B, C, s, s) standardised latents and their condition inputs (B, 2k)
+    (``FlowPrior.cond_inputs``, hidden keys included) -> (B, s/4 * s/4) real-vs-fake logits, one per 4 x 4 patch of
+    the latent (16 x 16 px at f = 4). Spectral-norm convolutions (Miyato et al. 2018), no normalisation layers,
+    and the conditions projected onto the last features (projection discriminator, Miyato & Koyama 2018), so a
+    sample that looks real but not of its age, sex or position is still told apart."""
+
+    def __init__(self, channels: int, n_cond: int, widths: tuple[int, ...] = (64, 128, 256)):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers: list[nn.Module] = [sn(nn.Conv2d(channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.head = sn(nn.Conv2d(widths[-1], 1, 3, 1, 1))
+        self.embed = sn(nn.Linear(n_cond, widths[-1])) if n_cond else None
+
+    def forward(self, z: Tensor, c: Tensor | None) -> Tensor:
+        h = self.body(z)  # (B, W, s/4, s/4)
+        logits = self.head(h)[:, 0]  # (B, s/4, s/4)
+        if self.embed is not None and c is not None:
+            logits = logits + (self.embed(c.to(h.dtype))[:, :, None, None] * h).sum(1)
+        return logits.flatten(1).float()
+
+
 class LatentBatches:
     """A split's slices encoded once by the frozen autoencoder, for the prior stage (``LDM.stage_data``).
 
@@ -147,11 +176,16 @@ class TeacherPaths:
     teacher's path from that noise at the student's times 1, 1 - 1/K, ..., 0: (K + 1, C, s, s) per row.
     ``batch(rows)`` returns the paths (B, K + 1, C, s, s) and the conditions as a cond dict, a hidden value
     unknown (age and position NaN, sex 0), which ``FlowPrior.cond_inputs`` turns back into the same inputs.
+    With a critic (``distill_adv > 0``) each row also carries a posterior sample of its own slice's latent,
+    standardised, for the critic's real side: ``batch`` then returns (B, K + 2, C, s, s), that latent last.
     """
 
     def __init__(self, data, model: "LDM", repeats: int, seed: int, batch_size: int = 128,
                  cache: Path | None = None):
         self.source, self.device = data, data.device
+        # the slices' own latents for the critic (encoded again each time: ~30 s, and not the teacher's)
+        self.real = LatentBatches(data, model.autoencoder.encode) if model.student_critic is not None else None
+        self._standardise = model._standardise
         digest = model.teacher_key(data, repeats, seed)
         saved = torch.load(cache, weights_only=True) if cache is not None and cache.exists() else None
         if saved is not None and saved["key"] == digest:
@@ -181,7 +215,11 @@ class TeacherPaths:
 
     def batch(self, idx) -> tuple[Tensor, dict[str, Tensor]]:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return self.paths[idx].float().to(self.device), {k: v[idx].to(self.device) for k, v in self.cond.items()}
+        paths = self.paths[idx].float().to(self.device)  # (B, K + 1, C, s, s)
+        if self.real is not None:  # row i is slice i % N's (rows tile the split ``repeats`` times)
+            real = self._standardise(self.real.batch(idx % len(self.real))[0])  # (B, C, s, s)
+            paths = torch.cat([paths, real[:, None]], 1)
+        return paths, {k: v[idx].to(self.device) for k, v in self.cond.items()}
 
     def epoch_order(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
         """A permutation fixed by (seed, epoch); with DDP each rank takes every world-th element."""
@@ -212,6 +250,10 @@ class LDMConfig(BaseConfig):
     # paths per training slice; ``sampler`` chooses what ``sample`` uses by default.
     student: dict = field(default_factory=dict)
     distill_repeats: int = 1
+    # Distill stage: weight of a conditional latent critic's hinge term on the student's samples (``LatentCritic``,
+    # against the training slices' latents), relative to the regression term by the norms of their gradients at
+    # the student's output (VQGAN's adaptive weight, Esser et al. 2021). 0: regression only, no critic.
+    distill_adv: float = 0.0
     sampler: str = "prior"
 
     def __post_init__(self) -> None:
@@ -233,6 +275,9 @@ class LDMConfig(BaseConfig):
         check(self.sampler != "student" or self.student, "sampler = \"student\" needs a distilled network: give "
               "[model.student] and train it with [stages.distill]")
         check(self.distill_repeats >= 1, "distill_repeats must be >= 1")
+        check(self.distill_adv >= 0, f"distill_adv must be >= 0, got {self.distill_adv}")
+        check(self.distill_adv == 0 or self.student, "distill_adv > 0 trains a critic for the distilled student: "
+              "give [model.student]")
         if self.student:
             fixed = sorted(set(self.student) & {"solver", "guidance", "guide"})
             check(not fixed, f"[model.student] cannot set {fixed}: the student takes plain Euler steps")
@@ -263,6 +308,7 @@ class LDM(BrainModel):
     stage_owned = {"guide": "guide", "distill": "student"}
     unselected_stages = ("decoder",)
     sample_options = ("steps", "guidance", "solver", "guide", "sampler")
+    fills_missing_conditions = False  # trained with conditions hidden, it marginalises those left out
 
     def __init__(self, config: LDMConfig):
         super().__init__(config)
@@ -275,6 +321,11 @@ class LDM(BrainModel):
         self.student = FlowPrior(config.student_config(), shape, tuple(config.conditions)) if config.student else None
         if self.student is not None:  # set when the distill stage starts
             self.register_buffer("student_trained", torch.tensor(False))
+        # named student_*: the distill stage owns it (``stage_owned``), as it does the student
+        self.student_critic = (LatentCritic(shape[0], 2 * len(config.conditions))
+                               if self.student is not None and config.distill_adv > 0 else None)
+        if self.student_critic is not None:  # a critic's term moves the student off the regression optimum:
+            self.unselected_stages = ("decoder", "distill")  # keep the distill stage's last weights
         self.register_buffer("latent_mean", torch.zeros(shape[0]))
         self.register_buffer("latent_std", torch.ones(shape[0]))
         self.stage = "autoencoder"
@@ -301,6 +352,8 @@ class LDM(BrainModel):
             self.guide.requires_grad_(name == "guide")
         if self.student is not None:
             self.student.requires_grad_(name == "distill")
+        if self.student_critic is not None:
+            self.student_critic.requires_grad_(name == "distill")
         self.step = self.step  # the decoder stage's adversarial term is on from its first step
         self.train(self.training)
 
@@ -392,6 +445,8 @@ class LDM(BrainModel):
         return torch.stack(path, 1)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.stage == "distill" and self.student_critic is not None:
+            return {"model": list(self.student.parameters()), "disc": list(self.student_critic.parameters())}
         if self.stage in _FLOW_STAGES:
             return {"model": list(self._stage_flow().parameters())}
         groups = self.autoencoder.optimizer_groups()
@@ -411,7 +466,14 @@ class LDM(BrainModel):
         return {"guide": self.guide, "distill": self.student}.get(self.stage, self.flow)
 
     def disc_loss(self, x: Tensor, recon: Tensor, cond: Cond = None) -> Tensor:
-        return self.autoencoder.disc_loss(x, recon)
+        """Hinge loss per sample (B,) of the autoencoder's discriminator (images x, reconstructions recon) or, in
+        the distill stage, of the student's critic (x: a TeacherPaths batch, its last entry the slices' own
+        latents; recon: the student's samples from the same conditions)."""
+        if self.stage != "distill":
+            return self.autoencoder.disc_loss(x, recon)
+        c = self.student.cond_inputs(cond, len(x), x.device)
+        real, fake = self.student_critic(x[:, -1], c), self.student_critic(recon.detach(), c)
+        return F.relu(1.0 - real).mean(1) + F.relu(1.0 + fake).mean(1)
 
     # -- latent standardisation -------------------------------------------------------------------
     def _standardise(self, z: Tensor) -> Tensor:
@@ -430,9 +492,8 @@ class LDM(BrainModel):
     def forward(self, x: Tensor, cond: Cond = None, kl_scale: float = 1.0) -> Output:
         if self.stage not in _FLOW_STAGES:  # the autoencoder's loss (its frozen parts get no gradient)
             return self.autoencoder(x, None, kl_scale)
-        if self.stage == "distill":  # x: teacher paths (B, K + 1, C, s, s) from TeacherPaths
-            loss = self.student.distill_loss(x, self.student.cond_inputs(cond, len(x), x.device))
-            return Output(None, None, {"loss": loss, "distill": loss})
+        if self.stage == "distill":  # x: teacher paths (B, K + 1 [+ 1 real latent], C, s, s) from TeacherPaths
+            return self._distill(x, cond)
         posterior = None
         if tuple(x.shape[1:]) == self.flow.latent_shape:  # latent samples from stage_data (LatentBatches)
             z = x
@@ -442,6 +503,22 @@ class LDM(BrainModel):
                 z = posterior.sample()
         flow = self._stage_flow().loss(self._standardise(z), cond)  # (B,)
         return Output(None, posterior, {"loss": flow, "flow": flow})
+
+    def _distill(self, x: Tensor, cond: Cond) -> Output:
+        """The distill stage's losses (B,): regression onto the teacher's path, plus (with a critic, in training)
+        the critic's hinge term on the student's samples, weighted by ``distill_adv`` x the ratio of the two
+        terms' gradient norms at those samples. ``recon``: the student's samples (B, C, s, s), for the critic."""
+        c = self.student.cond_inputs(cond, len(x), x.device)
+        critic = self.student_critic
+        distill, z = self.student.distill_loss(x[:, :-1] if critic is not None else x, c)
+        losses = {"distill": distill}
+        if critic is not None and self.training and torch.is_grad_enabled():
+            adv = -critic(z, c).mean(1)  # (B,)
+            g_rec = torch.autograd.grad(distill.sum(), z, retain_graph=True)[0]
+            g_adv = torch.autograd.grad(adv.sum(), z, retain_graph=True)[0]
+            scale = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+            losses["adv"] = self.config.distill_adv * scale * adv
+        return Output(z, None, {"loss": sum(losses.values()), **losses})
 
     @torch.no_grad()
     def sample(self, n: int, cond: Cond = None, generator: torch.Generator | None = None, steps: int | None = None,

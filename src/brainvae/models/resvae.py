@@ -205,6 +205,7 @@ def feature_matching(real: list[Tensor], fake: list[Tensor]) -> Tensor:
 @register("resvae", ResVAEConfig)
 class ResVAE(BrainModel):
     config: ResVAEConfig
+    fills_missing_conditions = True  # sample() uses default_cond
 
     def __init__(self, config: ResVAEConfig):
         super().__init__(config)

@@ -44,6 +44,7 @@ class VAEConfig(BaseConfig):
 @register("vae", VAEConfig)
 class VAE(BrainModel):
     config: VAEConfig
+    fills_missing_conditions = True  # sample() uses default_cond
 
     def __init__(self, config: VAEConfig):
         super().__init__(config)

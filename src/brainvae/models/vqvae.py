@@ -292,6 +292,7 @@ class VQVAE(BrainModel):
 
     config: VQVAEConfig
     stochastic = False  # the encoder's code is a deterministic nearest codebook entry
+    fills_missing_conditions = True  # sample() uses default_cond
 
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
