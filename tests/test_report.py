@@ -186,6 +186,25 @@ def test_summary_comes_first_with_banner_warnings_and_verdicts(tiny_store, tmp_p
     assert html.count(H.NOT_MEASURABLE) == 4  # age r, sex, age effect (3 subjects), utility (3 subjects)
 
 
+def test_training_counts_the_runs_a_model_started_from_and_c2st_reads_against_its_goal(tiny_store, tmp_path):
+    """A run trained on from another model ([init]) is not a smoke test when the whole lineage trained long
+    enough, and says so; a C2ST accuracy at most 0.70 reads "hard to tell apart", not "told apart"."""
+    run = fake_run(tmp_path, "v2", tiny_store)
+    first = {"arch": "vae", "steps": 1500, "seconds": 600.0}
+    summary = json.loads((run / "summary.json").read_text())
+    summary["init"] = {"from": "runs/v1", "source": {**first, "init": {"from": "runs/v0", "source": first}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    html = build_report([run])
+    top = html[html.index("<body>"):html.index("</section>")]
+    assert "Smoke test" not in top and "3,040 steps" in top and "with the runs it started from" in top
+    assert H.lineage({"steps": 5, "init": {"source": {"seconds": 3.0}}}) == (None, 0.0)  # a step count unknown
+    assert H.lineage(None) == (None, 0.0)
+    verdicts = {v: H.c2st({"c2st": {"accuracy": {"value": v, "floor": 0.5}}})[0] for v in (0.52, 0.66, 0.8)}
+    assert verdicts[0.52].verdict.startswith("as hard to tell apart") and verdicts[0.52].tone == "good"
+    assert verdicts[0.66].verdict.startswith("hard to tell apart") and verdicts[0.66].tone == "good"
+    assert verdicts[0.8].verdict == "samples told apart from real" and verdicts[0.8].tone == "bad"
+
+
 def test_no_raw_json_headings_and_details_closed(tiny_store, tmp_path):
     html = build_report([fake_run(tmp_path, "a", tiny_store), fake_run(tmp_path, "b", tiny_store)],
                         fake_compare(tmp_path))

@@ -19,6 +19,7 @@ from .tables import MIN_UNITS, fmt
 SMOKE_STEPS = 2000  # fewer optimiser steps than this: a smoke test, not a trained model
 FD_NEAR_FLOOR = 1.25  # a Fréchet distance within this ratio of its real-vs-real floor reads "as close as real"
 C2ST_MARGIN = 0.05  # a C2ST accuracy within this of its floor reads "as hard to tell apart as real from real"
+C2ST_GOAL = 0.70  # at most this (and above the margin): "hard to tell apart", the realism goal of the generator
 NOT_MEASURABLE = "not measurable on this data"
 
 
@@ -54,11 +55,14 @@ def c2st(ev: dict) -> list[Headline]:
     acc = (ev.get("c2st") or {}).get("accuracy")
     if not isinstance(acc, dict) or acc.get("floor") is None:
         return []
-    close = acc["value"] <= acc["floor"] + C2ST_MARGIN
+    if acc["value"] <= acc["floor"] + C2ST_MARGIN:
+        verdict, tone = "as hard to tell apart as real from real", "good"
+    elif acc["value"] <= C2ST_GOAL:
+        verdict, tone = f"hard to tell apart (≤ {C2ST_GOAL:.2f}), though above the floor", "good"
+    else:
+        verdict, tone = "samples told apart from real", "bad"
     return [Headline("C2ST: classifier accuracy, samples vs real (0.5 = cannot tell)", num(acc["value"]),
-                     f"floor {num(acc['floor'])} (real vs real)",
-                     "as hard to tell apart as real from real" if close else "samples told apart from real",
-                     "good" if close else "bad")]
+                     f"floor {num(acc['floor'])} (real vs real)", verdict, tone)]
 
 
 def age_effect(ev: dict) -> list[Headline]:
@@ -175,10 +179,25 @@ def headlines(run: Run) -> list[Headline]:
             *utility(ut)]
 
 
+def lineage(summary: dict | None) -> tuple[int | None, float]:
+    """Optimiser steps and seconds of a run together with every run it started from (``[init]``: each summary's
+    ``init.source``, nested); steps None when a summary in the chain does not record them."""
+    steps, seconds = 0, 0.0
+    if not summary:
+        return None, seconds
+    while summary:
+        if not isinstance(summary.get("steps"), int):
+            return None, seconds
+        steps, seconds = steps + summary["steps"], seconds + (summary.get("seconds") or 0.0)
+        summary = (summary.get("init") or {}).get("source")
+    return steps, seconds
+
+
 def warnings(run: Run, test_subjects: int | None) -> list[str]:
-    """Why the run's numbers should not be read as results: a smoke test, too few test subjects or cases."""
+    """Why the run's numbers should not be read as results: a smoke test (counting the runs it started from),
+    too few test subjects or cases."""
     out = []
-    steps = (run.summary or {}).get("steps")
+    steps = lineage(run.summary)[0]
     if steps is not None and steps < SMOKE_STEPS:
         out.append(f"Smoke test: trained for {steps:,} optimiser steps (< {SMOKE_STEPS:,}). Its numbers show that "
                    "the pipeline runs, not what the model can do.")

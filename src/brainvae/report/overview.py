@@ -9,7 +9,7 @@ import pandas as pd
 from ..compare import HEADLINE
 from ..compare import headline as leaderboard_row
 from ..evaluate.stats import ALPHA
-from .headline import Headline, headlines, warnings
+from .headline import Headline, headlines, lineage, warnings
 from .html import esc, list_html, notice, table_html
 from .images import image_html
 from .read import SPLITS, Run, Store, read_json, read_png
@@ -42,7 +42,12 @@ def training_text(run: Run) -> str:
         return "not finished (no summary.json)"
     steps = f"{s['steps']:,}" if isinstance(s.get("steps"), int) else "?"
     stages = f" in {len(s['stages'])} stages" if s.get("stages") else ""
-    return f"{steps} steps{stages}, {duration(s.get('seconds'))} on {s.get('device', '?')}"
+    text = f"{steps} steps{stages}, {duration(s.get('seconds'))} on {s.get('device', '?')}"
+    if (s.get("init") or {}).get("source"):  # started from another model's weights: its training counts too
+        total, seconds = lineage(s)
+        text += (f"; {total:,} steps, {duration(seconds)} with the runs it started from" if total is not None
+                 else f"; started from {s['init'].get('from', 'another model')}")
+    return text
 
 
 def verdict_html(h: Headline) -> str:
