@@ -295,7 +295,10 @@ def test_anomaly_command_end_to_end(tmp_path):
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--baseline", run, "--score", "kl_combined",
                "--samples", 2, "--val-fraction", 0.34, "--device", "cpu", "--quiet", "--log-file", tmp_path / "a.log")
     assert r.exit_code == 0, r.output
-    assert "score" in (tmp_path / "a.log").read_text() and "\r" not in (tmp_path / "a.log").read_text()
+    log = (tmp_path / "a.log").read_text()
+    assert "score" in log and "\r" not in log
+    assert log.splitlines()[0].startswith(f"anomaly {run} on {tmp_path / 'anom'} -> ")  # the start line
+    assert "validation cases -> " in log.splitlines()[-1]  # and the summary, as on the console
     out = run / "anomaly"
     metrics = json.loads((out / "metrics.json").read_text())
     val, test = metrics["cases"]["validation"], metrics["cases"]["test"]

@@ -663,7 +663,7 @@ def anomaly_cmd(
     from .data.store import SliceStore
     from .evaluate.anomaly import AnomalyConfig, evaluate_anomaly, require_lesions, summary_lines
     from .evaluate.anomaly_scores import PostProcess
-    from .progress import log_to
+    from .progress import log_to, say
     from .train.engine import resolve_device
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
@@ -678,14 +678,16 @@ def anomaly_cmd(
                         precision=precision, split=split, n_samples=samples,
                         post=PostProcess(erode=erode, median=median, min_area=min_area),
                         batch_size=batch_size, seed=seed)
-    with log_to(log_file, out or RunDir.resolve(run).output("anomaly")):
+    target = out or RunDir.resolve(run).output("anomaly")
+    with log_to(log_file, target):
+        say(f"anomaly {run} on {data}{f' ({split} split)' if split else ''} -> {target}", err=True)
         summary = evaluate_anomaly(run, data, out, cfg, device=resolve_device(device), force=force,
                                    progress=not quiet)
-    if not quiet:
-        for line in summary_lines(summary):
-            typer.echo(line)
-    typer.echo(f"{len(summary['cases']['test'])} test cases, threshold from {len(summary['cases']['validation'])} "
-               f"validation cases -> {summary['out']}/metrics.json")
+        if not quiet:
+            for line in summary_lines(summary):
+                say(line)
+        say(f"{len(summary['cases']['test'])} test cases, threshold from {len(summary['cases']['validation'])} "
+            f"validation cases -> {summary['out']}/metrics.json")
 
 
 @app.command("utility")
