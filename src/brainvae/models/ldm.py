@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..config import check, from_dict
 from ..errors import BrainVAEError
@@ -60,7 +59,7 @@ from ..progress import bar as progress_bar
 from .base import BaseConfig, BrainModel, Cond, DiagonalGaussian, Output, randn
 from .flow import GUIDES, FlowConfig, FlowPrior
 from .registry import register
-from .resvae import ResVAE, ResVAEConfig
+from .resvae import ResVAE, ResVAEConfig, adaptive_weight, hinge_critic_loss
 from .scoring import SMOOTH_SIGMA, Score, ScoreBatch, gaussian_blur
 
 # The autoencoder's defaults, where they differ from resvae's own (measured choices in benchmarks/README.md).
@@ -473,7 +472,7 @@ class LDM(BrainModel):
             return self.autoencoder.disc_loss(x, recon)
         c = self.student.cond_inputs(cond, len(x), x.device)
         real, fake = self.student_critic(x[:, -1], c), self.student_critic(recon.detach(), c)
-        return F.relu(1.0 - real).mean(1) + F.relu(1.0 + fake).mean(1)
+        return hinge_critic_loss(real, fake)
 
     # -- latent standardisation -------------------------------------------------------------------
     def _standardise(self, z: Tensor) -> Tensor:
@@ -514,10 +513,7 @@ class LDM(BrainModel):
         losses = {"distill": distill}
         if critic is not None and self.training and torch.is_grad_enabled():
             adv = -critic(z, c).mean(1)  # (B,)
-            g_rec = torch.autograd.grad(distill.sum(), z, retain_graph=True)[0]
-            g_adv = torch.autograd.grad(adv.sum(), z, retain_graph=True)[0]
-            scale = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-            losses["adv"] = self.config.distill_adv * scale * adv
+            losses["adv"] = self.config.distill_adv * adaptive_weight(distill.sum(), adv.sum(), z) * adv
         return Output(z, None, {"loss": sum(losses.values()), **losses})
 
     @torch.no_grad()

@@ -202,6 +202,21 @@ def feature_matching(real: list[Tensor], fake: list[Tensor]) -> Tensor:
     return torch.stack(terms).mean(0)
 
 
+def hinge_critic_loss(real: Tensor, fake: Tensor) -> Tensor:
+    """Hinge loss of a critic per sample (B,), from its logits (B, P) on real and on generated inputs."""
+    return F.relu(1.0 - real).mean(1) + F.relu(1.0 + fake).mean(1)
+
+
+def adaptive_weight(rec: Tensor, adv: Tensor, wrt: Tensor) -> Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021): ||d rec / d wrt|| / ||d adv / d wrt||, a detached scalar, so
+    an adversarial term scaled by it means the same whatever the reconstruction term's magnitude. ``rec``, ``adv``:
+    the two terms (summed over the batch); ``wrt``: where their gradients meet (a last layer's weight, or the
+    generated tensor)."""
+    g_rec = torch.autograd.grad(rec, wrt, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, wrt, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
 @register("resvae", ResVAEConfig)
 class ResVAE(BrainModel):
     config: ResVAEConfig
@@ -336,10 +351,7 @@ class ResVAE(BrainModel):
             with torch.no_grad():
                 real_feats = self.disc.features(x)[1]
             g_adv = g_adv + self.config.fm_weight * feature_matching(real_feats, fake_feats)
-        last = self.decoder.head.weight
-        g_rec = torch.autograd.grad(rec.sum(), last, retain_graph=True)[0]
-        g_gan = torch.autograd.grad(g_adv.sum(), last, retain_graph=True)[0]
-        scale = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        scale = adaptive_weight(rec.sum(), g_adv.sum(), self.decoder.head.weight)
         return self.config.adv_weight * scale * g_adv
 
     def disc_loss(self, x: Tensor, recon: Tensor, cond: Cond = None) -> Tensor:
@@ -350,7 +362,7 @@ class ResVAE(BrainModel):
             return torch.zeros(len(x), device=x.device, requires_grad=True)
         real = self.disc(x).float().flatten(1)
         fake = self.disc(recon.detach()).float().flatten(1)
-        return F.relu(1.0 - real).mean(1) + F.relu(1.0 + fake).mean(1)
+        return hinge_critic_loss(real, fake)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.disc is None:
