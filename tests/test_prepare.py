@@ -117,6 +117,8 @@ def test_prepare_dataset_store_round_trip(ixi_folder, tmp_path):
                               "brain_fraction", "source", "checksum"}
     assert m.loc[m.subject == "IXI002", "age"].iloc[0] == 40.0
     assert store.config == TINY
+    assert sorted(q.name for q in out.iterdir()) == ["brain.npy", "images.npy", "manifest.csv", "prepare.toml",
+                                                     "problems.txt", "provenance.json", "subjects.csv"]
     assert len(store.indices("train")) + len(store.indices("val")) + len(store.indices("test")) == len(store)
     # an existing store is never overwritten without force
     with pytest.raises(OutputExistsError):
@@ -233,6 +235,32 @@ def test_npy_appender_writes_a_loadable_array(tmp_path):
         NpyAppender(tmp_path / "y.npy", np.uint8, (3, 4)).append(np.zeros((1, 4, 3)))
 
 
+def test_store_parts_from_workers_land_in_order(tmp_path):
+    """Worker processes leave each volume's pixels as raw part files; the writer appends them in order, fills
+    a missing lesion mask with zeros, deletes the parts and refuses a part of the wrong size."""
+    from brainvae.data.store import StoreWriter, write_part
+
+    rng = np.random.default_rng(0)
+    vols = [(rng.random((n, 4, 5)).astype(np.float32), rng.random((n, 4, 5)) > 0.5) for n in (3, 2)]
+    lesion = rng.random((3, 4, 5)) > 0.8
+    manifest = pd.DataFrame({"subject": ["a"] * 3 + ["b"] * 2})
+    with StoreWriter(tmp_path / "s", (4, 5), lesions=True) as w:
+        first = write_part(w.parts, "0", vols[0][0], vols[0][1], lesion)
+        second = write_part(w.parts, "1", vols[1][0], vols[1][1])
+        w.add_part(first, 3)
+        w.add_part(second, 2)
+        assert not any(f.exists() for f in (*first.values(), *second.values()))
+        with pytest.raises(ValueError, match="expected 4 frames"):
+            w.add_part(write_part(w.parts, "2", vols[1][0], vols[1][1]), 4)
+        assert [a.n for a in w.arrays.values()] == [5, 5, 5]  # refused before anything was appended
+        w.finish(manifest, manifest, PrepareConfig(), {}, [])
+    images, brain, lesions = (np.load(tmp_path / "s" / f"{n}.npy") for n in ("images", "brain", "lesion"))
+    assert np.array_equal(images, np.concatenate([v[0] for v in vols]))
+    assert np.array_equal(brain, np.concatenate([v[1] for v in vols]).astype(np.uint8))
+    assert np.array_equal(lesions, np.concatenate([lesion, np.zeros((2, 4, 5), bool)]).astype(np.uint8))
+    assert not (tmp_path / "s" / "parts").exists()
+
+
 def test_match_resolution_blurs_fine_voxels_only():
     import SimpleITK as sitk
 
@@ -345,6 +373,26 @@ def test_registration_brings_a_shifted_brain_back_onto_the_template(tmp_path):
     assert np.abs(moved.slices - still.slices).mean() < 0.02
 
 
+def test_registration_is_repeatable(tmp_path):
+    """The metric's random samples come from a fixed seed (ITK reads a seed of 0 as 'from the clock'): on one
+    thread, as in prepare's workers, the same volume registers to the same transform every time."""
+    import SimpleITK as sitk
+
+    from brainvae.data.preprocess import register_to_mni, to_sitk
+    from brainvae.io.nifti import load_mask, load_volume
+
+    scan = _template_subject(tmp_path, shift_mm=12.0)
+    vol = load_volume(scan.image)
+    image, mask = to_sitk(vol.data, vol.affine), to_sitk(load_mask(scan.mask, vol).astype(np.uint8), vol.affine)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        first, second = (register_to_mni(image, mask, iterations=20)[0].GetParameters() for _ in range(2))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    assert first == second
+
+
 def test_a_registration_that_fails_is_reported_not_stored(tmp_path):
     scan = _template_subject(tmp_path, turn=True)
     with pytest.raises(BrainVAEError, match="registration to the MNI template failed.*IXI002|IXI002.*registration"):
@@ -422,3 +470,39 @@ def test_a_dataset_format_registered_outside_the_package(tmp_path, monkeypatch):
     out = prepare_dataset(inventory, tmp_path / "store", TINY, workers=1, progress=False)
     subjects = SliceStore(out).subjects.set_index("subject")
     assert subjects.loc["case2", "age"] == 50.0 and subjects.loc["case1", "sex"] == "F"
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+@pytest.mark.parametrize("voxel_axes", [(0, 1, 2), (2, 0, 1)])
+def test_separable_resampling_matches_itk(axis, voxel_axes):
+    """Without a transform, a grid parallel to the voxel axes is resampled by three 1-D interpolations; the
+    result is ITK's linear resampling (0 outside the volume, edge values in the half voxel past each end),
+    whatever the order and signs of the voxel axes. An oblique volume takes ITK's path."""
+    import SimpleITK as sitk
+
+    from brainvae.data.preprocess import _axis_aligned, output_grid, resample_to_grid, to_sitk
+
+    rng = np.random.default_rng(1)
+    data = rng.random((21, 17, 13)).astype(np.float32) * 100
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([1.3, -0.9, 2.1])[list(voxel_axes)]  # voxel axis i runs along world axis voxel_axes[i]
+    affine[:3, 3] = (-10.0, 7.0, -12.0)
+    for spacing, size in ((0.7, 24), (1.9, 12)):  # finer and coarser than the voxels, partly outside the volume
+        centre = np.array([8.0, -1.0, -3.0]) + rng.normal(0, 2, 3)
+        ref = output_grid(centre, axis, size, spacing, 2, size - 4)
+        assert _axis_aligned(affine, ref) is not None  # the separable path
+        ours = resample_to_grid(data, affine, ref, sitk.Transform())
+        itk = sitk.GetArrayFromImage(sitk.Resample(to_sitk(data, affine), ref, sitk.Transform(), sitk.sitkLinear,
+                                                   0.0, sitk.sitkFloat32))
+        assert ours.shape == itk.shape == (size - 4, size, size)
+        assert (itk == 0).mean() > 0.05  # part of the grid lies outside the volume
+        np.testing.assert_allclose(ours, itk, atol=1e-3)
+    rotation = sitk.Euler3DTransform((0, 0, 0), 0.3, 0.2, 0.0)
+    oblique = affine.copy()
+    oblique[:3, :3] = np.asarray(rotation.GetMatrix()).reshape(3, 3) @ affine[:3, :3]
+    ref = output_grid(np.array([8.0, -1.0, -3.0]), axis, 16, 1.0, 0, 16)
+    assert _axis_aligned(oblique, ref) is None
+    np.testing.assert_allclose(
+        resample_to_grid(data, oblique, ref, sitk.Transform()),
+        sitk.GetArrayFromImage(sitk.Resample(to_sitk(data, oblique), ref, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                             sitk.sitkFloat32)), atol=1e-3)

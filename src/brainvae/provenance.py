@@ -9,7 +9,7 @@ from importlib import metadata
 
 from .hardware import git_commit, hardware
 
-_PACKAGES = ("brainvae", "numpy", "scipy", "nibabel", "SimpleITK", "torch", "torchio", "monai", "pandas",
+_PACKAGES = ("brainvae", "numpy", "scipy", "nibabel", "isal", "SimpleITK", "torch", "torchio", "monai", "pandas",
              "scikit-image", "scikit-learn", "nilearn")
 
 

