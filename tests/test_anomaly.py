@@ -145,6 +145,42 @@ def test_postprocessing():
     assert S.segment(np.array([[0.1, 0.5]]), 0.5, 0).tolist() == [[False, True]]
 
 
+def test_through_plane_mean_stays_inside_each_volume():
+    """A lesion spans neighbouring slices, noise does not: the mean over ``across`` slices keeps the one and
+    dims the other, and never reaches from one case's slices into another's (or across a gap)."""
+    cases = np.array(["a"] * 5 + ["b"] * 3 + ["b"] * 2)
+    index = np.array([10, 11, 12, 13, 14, 3, 4, 5, 9, 10])  # b: two runs (a gap between slices 5 and 9)
+    runs = S.slice_runs(cases, index)
+    assert runs.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 2, 2]
+    score = np.zeros((10, 4, 4), np.float32)
+    score[1:4] = 1.0  # a lesion on three slices of a
+    score[4, 0, 0] = 9.0  # a's last slice: must not leak into b's first
+    score[6, 2, 2] = 3.0  # noise on one slice of b
+    region = np.ones_like(score, bool)
+    out = S.postprocess(score, region, median=1, across=3, runs=runs)
+    assert out[2, 1, 1] == pytest.approx(1.0) and out[1, 1, 1] == pytest.approx(2 / 3)
+    assert out[5, 0, 0] == 0 and out[4, 0, 0] == pytest.approx((1 + 9 + 9) / 3)  # the edge slice repeated
+    assert out[6, 2, 2] == pytest.approx(1.0) and out[7, 2, 2] == pytest.approx(1.0) and out[8, 2, 2] == 0
+    assert np.array_equal(S.postprocess(score, region, median=1, across=1), score)  # off
+    with pytest.raises(BrainVAEError, match="--across must be >= 1"):
+        S.PostProcess(across=0)
+    with pytest.raises(ValueError, match="runs"):
+        S.postprocess(score, region, across=3)
+
+
+def test_healthy_slices_come_in_windows_of_one_subject(tmp_path):
+    from brainvae.evaluate.anomaly import healthy_picks
+
+    store = SliceStore(make_store(tmp_path / "healthy"))
+    m = store.manifest.iloc[store.indices("val")]
+    picks = healthy_picks(store, "val", 6, 3)  # 8 slices of one subject: two windows, cut at the volume's ends
+    assert 4 <= len(picks) <= 6 and np.array_equal(picks, np.unique(picks))
+    runs = S.slice_runs(m["subject"].astype(str).to_numpy(), m["slice_index"].to_numpy())
+    for j in picks:  # every pick has a neighbour of its run among the picks (windows of 3, not single slices)
+        assert any(k in picks and runs[k] == runs[j] for k in (j - 1, j + 1))
+    assert len(healthy_picks(store, "val", 12, 1)) == min(12, len(m))  # no mean: evenly spaced single slices
+
+
 def test_metric_helpers_hand_computed():
     assert M.dice([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
     assert M.dice([0, 0], [0, 0]) is None

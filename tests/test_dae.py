@@ -64,3 +64,22 @@ def test_a_trained_dae_redraws_a_lesion_as_healthy_tissue():
         model.generate(2)
     with pytest.raises(BrainVAEError, match="noise_res"):
         build("dae", {"image_size": 32, "noise_res": 64})
+
+
+def test_contrast_augmentation_changes_input_and_target_together_in_training_only():
+    """gamma_std > 0: in training each slice is raised to a random power (its target too: the loss is against
+    the same contrast), the background stays 0; evaluation sees the slice as it is."""
+    torch.manual_seed(0)
+    model = build("dae", {"image_size": 32, "channels": (8, 16), "gamma_std": 0.5})
+    x = discs(8)
+    seen = []
+    model.net.forward = lambda h: (seen.append(h.detach().clone()), torch.zeros_like(h))[1]  # logit 0: 0.5
+    model.train()
+    mse = model(x).losses["mse"]  # the network answers 0.5 everywhere: the loss measures the target
+    plain = (0.5 - x).pow(2).flatten(1).sum(1)
+    assert not torch.allclose(mse, plain)  # the target was x raised to another power
+    assert (seen[0][x == 0] == 0).all()  # the background stayed 0 (and the noise stays off it)
+    model.eval()
+    assert torch.allclose(model(x).losses["mse"], plain)  # no augmentation in evaluation
+    with pytest.raises(BrainVAEError, match="gamma_std"):
+        build("dae", {"image_size": 32, "gamma_std": -0.1})

@@ -644,13 +644,16 @@ def anomaly_cmd(
                                                          "label-free thresholds from its val split, case-level "
                                                          "detection against its test split.")] = None,
     fpr: Annotated[float, typer.Option(help="Label-free threshold: share of healthy brain pixels flagged.")] = 0.01,
-    healthy_slices: Annotated[int, typer.Option(help="Healthy slices scored per split (evenly spaced).")] = 300,
+    healthy_slices: Annotated[int, typer.Option(help="Healthy slices scored per split (evenly spaced, in "
+                                                     "windows of --across slices).")] = 300,
     precision: Annotated[str, typer.Option(help="Autocast while scoring: auto (bf16 where the CPU has it "
                                                 "natively), fp32, bf16 or fp16.")] = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only this split of the store (default: all slices).")] = None,
     samples: Annotated[int, typer.Option(help="Posterior samples for the reconstruction probability.")] = 8,
     erode: Annotated[int, typer.Option(help="Brain-mask erosion (px).")] = 3,
     median: Annotated[int, typer.Option(help="Median filter size (px; 1 = off).")] = 5,
+    across: Annotated[int, typer.Option(help="Mean over this many neighbouring slices of a case (through-plane; "
+                                             "1 = off).")] = 1,
     min_area: Annotated[int, typer.Option(help="Smallest connected component kept after thresholding (px).")] = 10,
     nifti: Annotated[bool, typer.Option(help="Write each case's primary score and mask as NIfTI on its source "
                                              "scan (OUT/maps/).")] = True,
@@ -676,7 +679,7 @@ def anomaly_cmd(
     cfg = AnomalyConfig(baselines=tuple(baseline or ()), val_cases=cases, val_fraction=val_fraction, primary=score,
                         ensemble=ensemble, healthy=healthy, fpr=fpr, healthy_slices=healthy_slices, nifti=nifti,
                         precision=precision, split=split, n_samples=samples,
-                        post=PostProcess(erode=erode, median=median, min_area=min_area),
+                        post=PostProcess(erode=erode, median=median, across=across, min_area=min_area),
                         batch_size=batch_size, seed=seed)
     target = out or RunDir.resolve(run).output("anomaly")
     with log_to(log_file, target):

@@ -45,7 +45,7 @@ from ..io.atomic import atomic_dir
 from ..models.scoring import ScoreBatch
 from ..rundir import RunDir
 from .anomaly_metrics import case_scores, dice_at, evaluate_score, label_free_threshold, slice_scores
-from .anomaly_scores import BRIGHTNESS, PostProcess, eroded_mask, postprocess, segment
+from .anomaly_scores import BRIGHTNESS, PostProcess, eroded_mask, postprocess, segment, slice_runs
 
 
 # -- options and state ------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class Slices:
     brain: np.ndarray  # (N, H, W) bool
     lesion: np.ndarray  # (N, H, W) bool
     region: np.ndarray  # (N, H, W) bool: the eroded brain, where post-processed scores live
+    runs: np.ndarray  # (N,) runs of consecutive slices of one case (slice_runs): the through-plane mean's reach
 
     @property
     def size(self) -> int:
@@ -208,7 +209,7 @@ def add_terms(terms: np.ndarray, names: tuple[str, ...], brain: np.ndarray | Non
 
 def measure(raw: np.ndarray, d: Slices, cfg: AnomalyConfig) -> tuple[np.ndarray, dict]:
     """Post-process a raw score (N, H, W) and measure it: (post-processed score, metrics)."""
-    s = postprocess(raw, d.region, cfg.post.median)
+    s = postprocess(raw, d.region, cfg.post.median, cfg.post.across, d.runs)
     return s, evaluate_score(s, d.lesion, d.brain, d.cases, d.val, d.test, min_area=cfg.post.min_area, seed=cfg.seed)
 
 
@@ -333,10 +334,11 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool)
     maps, brains, subjects = {}, {}, {}
     for split in ("val", "test"):
         batches = SliceBatches(store, split, d.size, scored.sources[0].model.device)
-        pick = np.unique(np.linspace(0, len(batches) - 1, min(cfg.healthy_slices, len(batches))).astype(int))
+        pick = healthy_picks(store, split, cfg.healthy_slices, cfg.post.across)
         rows = store.indices(split)[pick]
         brains[split] = resize_masks(store.array("brain")[rows], d.size)
         subjects[split] = store.manifest["subject"].iloc[rows].astype(str).to_numpy()
+        runs = slice_runs(subjects[split], store.manifest["slice_index"].iloc[rows].to_numpy())
         region = eroded_mask(brains[split], cfg.post.erode)
         maps[split] = {}
         for src in scored.sources:
@@ -345,7 +347,8 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool)
                                  seed=cfg.seed, brain=brains[split], progress=progress,
                                  desc=f"score healthy {split} ({src.name})", rows=pick,
                                  scales=scored.term_scales[src.name], precision=cfg.precision)
-            maps[split].update({f"{src.name}/{n}": postprocess(raw[n], region, cfg.post.median) for n in names})
+            maps[split].update({f"{src.name}/{n}": postprocess(raw[n], region, cfg.post.median, cfg.post.across, runs)
+                                for n in names})
         if scored.ensemble is not None:
             maps[split][ENSEMBLE] = scored.ensemble(maps[split], region)
     test_set = set(d.test)
@@ -367,6 +370,20 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool)
             "case_score": "mean of the top 1 % of the volume's in-brain post-processed pixel scores",
             "caveat": "healthy subjects from another store differ from the cases in more than lesions (scanner, "
                       "resolution, preprocessing): case-level AUROC also measures that difference"}
+
+
+def healthy_picks(store: SliceStore, split: str, n: int, across: int) -> np.ndarray:
+    """About ``n`` positions in ``split``'s slices, evenly spread, in windows of ``across`` consecutive slices
+    of one subject (so the through-plane mean sees a volume's neighbours, as on the cases): sorted, unique."""
+    rows = store.indices(split)
+    if len(rows) == 0:
+        return np.array([], dtype=int)
+    m = store.manifest.iloc[rows]
+    runs = slice_runs(m["subject"].astype(str).to_numpy(), m["slice_index"].to_numpy())
+    half = max(across, 1) // 2
+    centres = np.unique(np.linspace(0, len(rows) - 1, max(1, min(n, len(rows)) // max(across, 1))).astype(int))
+    picks = [j for c in centres for j in range(c - half, c + half + 1) if 0 <= j < len(rows) and runs[j] == runs[c]]
+    return np.unique(picks)
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -490,8 +507,9 @@ def load_slices(store: SliceStore, cfg: AnomalyConfig, rows: np.ndarray, val: li
                              for s in range(0, len(data), 256)])
     brain = resize_masks(store.array("brain")[rows], size)
     manifest = store.manifest.iloc[rows].reset_index(drop=True)
-    return Slices(store, rows, manifest, manifest["subject"].astype(str).to_numpy(), val, test, images, brain,
-                  resize_masks(lesion, size), eroded_mask(brain, cfg.post.erode))
+    cases = manifest["subject"].astype(str).to_numpy()
+    return Slices(store, rows, manifest, cases, val, test, images, brain, resize_masks(lesion, size),
+                  eroded_mask(brain, cfg.post.erode), slice_runs(cases, manifest["slice_index"].to_numpy()))
 
 
 def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig) -> dict:
@@ -503,7 +521,8 @@ def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig
         "cases": {"validation": d.val, "test": d.test},
         "validation_selection": ("given (--val-cases)" if cfg.val_cases else
                                  f"seeded random {cfg.val_fraction:g} of the cases (seed {cfg.seed})"),
-        "postprocess": {**cfg.post.to_dict(), "order": "median filter, zero outside the eroded brain mask; "
+        "postprocess": {**cfg.post.to_dict(), "order": "median filter, mean over `across` neighbouring slices "
+                        "of the case, zero outside the eroded brain mask; "
                         "components below min_area removed after thresholding (Dice only)"},
         "evaluation": {
             "pixels": "inside the (uneroded) brain mask of the test cases, pooled",

@@ -6,9 +6,10 @@ hypointense lesions), a detector any model must beat (Meissen et al. 2021, "Chal
 semi-supervised anomaly segmentation methods for brain MRI").
 
 Post-processing (Baur et al. 2021; StRegA, Chatterjee et al. 2022): the score is
-median filtered (5 x 5), set to 0 outside the brain mask eroded by a few pixels
-(the rim of every brain reconstructs badly), and, once thresholded, connected
-components smaller than a minimum area are removed.
+median filtered (5 x 5), averaged over neighbouring slices of the same volume
+(a lesion spans several slices, noise does not), set to 0 outside the brain mask
+eroded by a few pixels (the rim of every brain reconstructs badly), and, once
+thresholded, connected components smaller than a minimum area are removed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 from torch import Tensor
+
+from ..errors import BrainVAEError
 
 
 # -- brightness baselines -----------------------------------------------------------------------------
@@ -46,7 +49,15 @@ class PostProcess:
 
     erode: int = 3  # brain mask erosion (iterations of a 3 x 3 cross) before scoring
     median: int = 5  # median filter size (in-plane); 0 or 1 = off
+    across: int = 1  # mean over this many neighbouring slices of a volume (through-plane); 1 = off
     min_area: int = 10  # connected components (8-connected) smaller than this are removed after thresholding
+
+    def __post_init__(self) -> None:
+        for name in ("erode", "median", "min_area"):
+            if getattr(self, name) < 0:
+                raise BrainVAEError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.across < 1:
+            raise BrainVAEError(f"--across must be >= 1 (1 = no through-plane mean), got {self.across}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,11 +72,29 @@ def eroded_mask(brain: np.ndarray, iterations: int) -> np.ndarray:
     return ndimage.binary_erosion(brain, structure=cross, iterations=iterations)
 
 
-def postprocess(score: np.ndarray, region: np.ndarray, median: int = 5) -> np.ndarray:
-    """Median filter each (H, W) slice of score (N, H, W), then zero outside ``region`` (eroded brain)."""
+def slice_runs(cases: np.ndarray, slice_index: np.ndarray) -> np.ndarray:
+    """(N,) run number of each slice: consecutive slices of one volume (the same case, slice indices one apart)
+    share a run; the through-plane mean of ``postprocess`` never crosses from one run to another."""
+    cases, slice_index = np.asarray(cases), np.asarray(slice_index)
+    new_run = (cases[1:] != cases[:-1]) | (np.diff(slice_index) != 1)
+    return np.r_[0, np.cumsum(new_run)]
+
+
+def postprocess(score: np.ndarray, region: np.ndarray, median: int = 5, across: int = 1,
+                runs: np.ndarray | None = None) -> np.ndarray:
+    """Median filter each (H, W) slice of score (N, H, W), average each pixel over ``across`` neighbouring
+    slices of its run (``slice_runs``; the ends repeat their edge slice), then zero outside ``region``
+    (eroded brain)."""
     s = np.asarray(score, np.float32)
     if median and median > 1:
         s = ndimage.median_filter(s, size=(1, median, median), mode="nearest")
+    if across > 1:
+        if runs is None:
+            raise ValueError("a through-plane mean needs the runs of consecutive slices (slice_runs)")
+        s = s.copy()
+        for run in np.unique(runs):
+            k = runs == run
+            s[k] = ndimage.uniform_filter1d(s[k], across, axis=0, mode="nearest")
     return np.where(region, s, np.float32(0))
 
 

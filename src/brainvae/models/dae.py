@@ -40,6 +40,10 @@ class DAEConfig(BaseConfig):
     res_blocks: int = 1  # residual blocks per level, on the way down and up
     noise_res: int = 16  # side of the grid the training noise is drawn on (then upsampled to the image)
     noise_std: float = 0.2  # its standard deviation (images are in [0, 1])
+    # Training only: each slice's intensities raised to the power exp(N(0, gamma_std)), a random change of
+    # contrast (0 = off). The network then keeps a slice's own contrast instead of redrawing it as the training
+    # scanner's: healthy tissue from another scanner leaves less residual.
+    gamma_std: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +54,7 @@ class DAEConfig(BaseConfig):
         check(self.res_blocks >= 0, "res_blocks must be >= 0")
         check(1 <= self.noise_res <= self.image_size, f"noise_res must be in [1, image_size], got {self.noise_res}")
         check(self.noise_std > 0, "noise_std must be > 0")
+        check(self.gamma_std >= 0, "gamma_std must be >= 0")
 
 
 def coarse_noise(x: Tensor, res: int, std: float, generator: torch.Generator | None = None) -> Tensor:
@@ -110,6 +115,9 @@ class DAE(BrainModel):
         """The denoising objective: coarse noise added, the clean slice's per-pixel squared error, summed per
         sample. In eval mode the noise comes from a fixed seed, so validation losses compare across epochs."""
         g = None if self.training else torch.Generator(device=x.device).manual_seed(0)
+        if self.training and self.config.gamma_std > 0:  # a random contrast: the target changes with the input
+            gamma = torch.exp(torch.randn(len(x), 1, 1, 1, device=x.device) * self.config.gamma_std)
+            x = x.float().clamp_min(0).pow(gamma)  # background 0 stays 0, [0, 1] stays [0, 1]
         noisy = x + coarse_noise(x, self.config.noise_res, self.config.noise_std, g)
         recon = self.denoise(noisy)
         mse = (recon.float() - x.float()).pow(2).flatten(1).sum(1)  # (B,)
