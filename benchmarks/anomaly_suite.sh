@@ -8,14 +8,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/stores.sh  # $B, $DATA and the stores
 
-# The models of healthy brains: a denoising U-Net (20 minutes), a feature autoencoder (10 minutes, its in-domain
-# encoder then its feature autoencoder) and the plain autoencoder baseline (6 minutes).
-[ -f runs/dae-20m/summary.json ] || $B train src/brainvae/configs/dae.toml --data datasets/ixi-t1-mni --out runs/dae-20m --budget 20m --quiet
-# ... and 35 minutes more from its weights (a fresh cosine schedule at lr 5e-4): runs/dae-55m
+# The models of healthy brains: denoising U-Nets (20 minutes each), a feature autoencoder (10 minutes, its
+# in-domain encoder then its feature autoencoder) and the plain autoencoder baseline (6 minutes).
+# dae_cfg NAME NOISE_RES NOISE_STD GAMMA_STD: the shipped dae config with these training-noise settings.
 mkdir -p runs/cfg
-sed -e 's/^lr = 1e-3/lr = 5e-4/' src/brainvae/configs/dae.toml | sed -e '/^\[tune\]/,$d' > runs/cfg/dae-more.toml
+dae_cfg() {
+    sed -e "s/^noise_res = .*/noise_res = $2/" -e "s/^noise_std = .*/noise_std = $3/" -e "s/^gamma_std = .*/gamma_std = $4/" \
+        -e '/^\[tune\]/,$d' src/brainvae/configs/dae.toml > runs/cfg/dae-$1.toml
+}
+# Session 7: Kascenas et al.'s noise (16 x 16 grid, std 0.2), no contrast change.
+dae_cfg 20m 16 0.2 0.0
+[ -f runs/dae-20m/summary.json ] || $B train runs/cfg/dae-20m.toml --data datasets/ixi-t1-mni --out runs/dae-20m --budget 20m --quiet
+# ... and 35 minutes more from its weights (a fresh cosine schedule at lr 5e-4): runs/dae-55m
+sed -e 's/^lr = 1e-3/lr = 5e-4/' runs/cfg/dae-20m.toml > runs/cfg/dae-more.toml
 printf '[init]\nfrom = "runs/dae-20m"\n' >> runs/cfg/dae-more.toml
 [ -f runs/dae-55m/summary.json ] || $B train runs/cfg/dae-more.toml --data datasets/ixi-t1-mni --out runs/dae-55m --budget 35m --quiet
+# Session 12: the dae's training noise and a random contrast (gamma_std), 20 minutes each, compared on the
+# validation cases only (benchmarks/bench_anomaly_across.py): noise std 0.35 (dae-s35); noise on an 8 x 8 grid,
+# std 0.3 (dae-r8); gamma_std 0.3 (dae-g3); both (dae-r8g3: now the shipped config's settings).
+dae_cfg s35 16 0.35 0.0
+dae_cfg r8 8 0.3 0.0
+dae_cfg g3 16 0.2 0.3
+dae_cfg r8g3 8 0.3 0.3
+for v in s35 r8 g3 r8g3; do
+    [ -f runs/dae-$v/summary.json ] || $B train runs/cfg/dae-$v.toml --data datasets/ixi-t1-mni --out runs/dae-$v --budget 20m --quiet
+done
 [ -f runs/fae-10m/summary.json ] || $B train src/brainvae/configs/fae.toml --data datasets/ixi-t1-mni --out runs/fae-10m --budget 10m --quiet
 [ -f runs/ae-6m/summary.json ] || $B train src/brainvae/configs/ae.toml --data datasets/ixi-t1-mni --out runs/ae-6m --budget 6m --quiet
 
@@ -25,6 +42,15 @@ printf '[init]\nfrom = "runs/dae-20m"\n' >> runs/cfg/dae-more.toml
 
 $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/dae-55m --baseline runs/fae-10m --baseline runs/ae-6m \
     --healthy datasets/ixi-t1-mni --out runs/anomaly-brats --force --quiet
+
+# Session 12: every dae variant, and each pixel's score averaged over 11 neighbouring slices of its case
+# (--across 11; chosen on the validation cases: results/anomaly/across_val.json).
+.venv/bin/python benchmarks/bench_anomaly_across.py --data datasets/brats-t1-mni \
+    --runs runs/dae-20m runs/dae-s35 runs/dae-r8 runs/dae-g3 runs/dae-r8g3 --out benchmarks/results/anomaly/across_val.json
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --baseline runs/dae-55m \
+    --baseline runs/dae-s35 --baseline runs/dae-r8 --baseline runs/dae-g3 --baseline runs/dae-r8g3 \
+    --baseline runs/fae-10m --baseline runs/ae-6m --across 11 --healthy datasets/ixi-t1-mni \
+    --out runs/anomaly-brats-v2 --force --quiet
 
 # The same dae on BraTS smoothed to IXI's 2 mm resolution before resampling.
 $B anomaly runs/dae-20m --data datasets/brats-t1-mni-res2 --baseline runs/ae-6m --healthy datasets/ixi-t1-mni \
