@@ -86,7 +86,7 @@ def test_scores_higher_inside_a_synthetic_lesion(stochastic):
         assert m.shape == (2, max(1, len(score.terms)), 32, 32)
         m = m.sum(1, keepdim=True)  # an additive score's terms, unscaled
         signed = {"residual_pos": [1], "residual_neg": [0], "residual_neg_smooth": [0]}.get(name, [0, 1])
-        for b in signed:  # each sign sees its own lesion
+        for b in signed:  # each sign sees its own lesion (residual_local: both)
             if name == "residual_neg_smooth":  # smoothing spreads the lesion's edge: compare means and the peak
                 assert m[b][lesion[b]].mean() > 5 * m[b][~lesion[b]].mean() and lesion[b].flatten()[m[b].argmax()]
             else:
@@ -96,6 +96,27 @@ def test_scores_higher_inside_a_synthetic_lesion(stochastic):
     brain = torch.from_numpy(disc() > 0)[None, None]
     assert torch.equal(S.brightness_hyper(x), x)
     assert (S.brightness_hypo(x, brain)[:, :, 0, 0] == 0).all()
+
+
+def test_local_residual_ignores_a_slow_drift_and_keeps_a_lesion():
+    """A residual that drifts across the head (another scanner's contrast or bias field) is removed: an offset
+    entirely, a ramp across the head largely; a lesion's is kept, darker parts in full, brighter parts at
+    BRIGHT_WEIGHT; nothing outside the head."""
+    head = torch.tensor(disc(128), dtype=torch.float32)[None, None] > 0
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
+    restored = torch.where(head, torch.full_like(head, 0.5, dtype=torch.float32), torch.zeros(()))
+    dark, bright = torch.zeros_like(head), torch.zeros_like(head)
+    dark[..., 40:52, 40:52] = True
+    bright[..., 72:84, 72:84] = True
+    healthy = head & ~dark & ~bright
+    offset = restored - 0.1 * head  # a darker scanner, redrawn brighter
+    assert SC.local_residual(restored, offset)[head].abs().max() < 1e-5
+    x = torch.where(head, 0.5 + 0.1 * xx[None, None], torch.zeros(())) - 0.3 * dark + 0.3 * bright
+    plain, local = (restored - x).abs(), SC.local_residual(restored, x)
+    assert local[~head].abs().max() == 0
+    assert local[healthy].mean() < 0.5 * plain[healthy].mean()  # the ramp's residual, mostly removed
+    assert local[dark].min() > 0.25  # the lesion's, kept
+    assert 0.2 * 0.3 < local[bright].mean() < 0.3 * 0.3 and local[bright].mean() > 3 * local[healthy].mean()
 
 
 def test_every_registered_architecture_gets_its_scores():
@@ -113,7 +134,7 @@ def test_every_registered_architecture_gets_its_scores():
         assert ("prior_nll" in scores) == (arch == "vqvae"), arch
         assert (("restoration" in scores) and ("restoration_neg_smooth" in scores)) == (arch == "ldm"), arch
         if arch == "dae":  # no latent: the residuals, no reconstruction probability
-            assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"}
+            assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"} | {"restoration_local"}
             assert "no latent" in model.unavailable_scores()["recon_prob"]
             continue
         if arch == "fae":  # features, not pixels: its own score only

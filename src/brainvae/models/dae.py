@@ -12,7 +12,9 @@ in the residual as they do for a bottleneck autoencoder's blurred ones. Scored c
 residual of the network's output.
 
 No latent and no sampling: a restoration model, not a generator (``generative = False``): it offers the
-reconstruction residuals, not the reconstruction probability or the KL scores.
+reconstruction residuals, not the reconstruction probability or the KL scores; and ``restoration_local``, the
+drift-free residual (``scoring.local_residual``) of the denoiser applied ``RESTORE_PASSES`` times, each output
+fed back (one pass only partly redraws a large lesion).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..errors import BrainVAEError
 from .base import BaseConfig, BrainModel, Cond, Output
 from .blocks import ResBlock, conv_bn_act, up_bn_act
 from .registry import register
-from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score
+from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score, ScoreBatch, local_residual
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class DAEConfig(BaseConfig):
         check(self.bias_std >= 0, "bias_std must be >= 0")
 
 
+RESTORE_PASSES = 3  # restoration_local: the denoiser applied this many times (chosen on the validation cases)
 BIAS_RES = 3  # the bias field's grid: it varies on the scale of the head, slower than any lesion
 
 
@@ -142,6 +145,21 @@ class DAE(BrainModel):
     def reconstruct(self, x: Tensor, cond: Cond = None) -> Tensor:
         return self.denoise(x)
 
+    @torch.no_grad()
+    def restore(self, x: Tensor, passes: int = RESTORE_PASSES) -> Tensor:
+        """(B, 1, H, W) -> the denoiser applied ``passes`` times, each output (0 outside the head, x == 0) fed
+        back: what one pass leaves of a lesion, the next redraws further towards healthy tissue."""
+        head = x > 0
+        for _ in range(passes):
+            x = self.denoise(x) * head
+        return x
+
+    def restorations(self, b: ScoreBatch) -> Tensor:
+        """``restore`` of the batch, computed once: (1, B, 1, H, W) (the evaluation shows it in its overlays)."""
+        if "restorations" not in b.shared:
+            b.shared["restorations"] = self.restore(b.x)[None]
+        return b.shared["restorations"]
+
     def encode(self, x: Tensor, cond: Cond = None):
         raise BrainVAEError("dae has no latent: it maps a slice to its denoised version (reconstruct)")
 
@@ -149,7 +167,10 @@ class DAE(BrainModel):
         raise BrainVAEError("dae has no latent: it maps a slice to its denoised version (reconstruct)")
 
     def scores(self) -> dict[str, Score]:
-        return {n: s for n, s in RECONSTRUCTION_SCORES.items() if n != "recon_prob"}
+        return {**{n: s for n, s in RECONSTRUCTION_SCORES.items() if n != "recon_prob"},
+                "restoration_local": Score(lambda b: local_residual(b.model.restorations(b)[0], b.x),
+                                           f"residual_local of the denoiser applied {RESTORE_PASSES} times (each "
+                                           f"output fed back) instead of once")}
 
     def unavailable_scores(self) -> dict[str, str]:
         why = "dae has no latent or likelihood: no reconstruction probability and no KL gradient"

@@ -41,6 +41,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 SMOOTH_SIGMA = 2.0  # px: Gaussian applied to the signed residual by residual_neg_smooth
+# residual_local (chosen on the BraTS validation cases, benchmarks/README.md, anomaly, session 13): the signed
+# residual's slow drift, its Gaussian mean over the head at this scale (px), is removed, and the brighter part
+# counts with this weight beside the darker part.
+DRIFT_SIGMA = 32.0
+BRIGHT_WEIGHT = 0.25
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -120,6 +125,40 @@ def residual_neg_smooth(b: ScoreBatch) -> Tensor:
     return gaussian_blur(b.x_hat - b.x, SMOOTH_SIGMA).clamp_min(0)
 
 
+def without_drift(d: Tensor, inside: Tensor, sigma: float = DRIFT_SIGMA) -> Tensor:
+    """d (B, 1, H, W) minus its slow drift, inside ``inside`` (0 elsewhere): the drift is d's Gaussian-weighted
+    mean (sigma px) over the pixels inside, so the head's edge does not pull it towards 0."""
+    m = inside.float()
+    r = max(1, int(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=d.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+
+    def blur(a: Tensor) -> Tensor:  # separable, zero outside the image (inside-pixels only, via m)
+        a = F.conv2d(a, k.view(1, 1, 1, -1), padding=(0, r))
+        return F.conv2d(a, k.view(1, 1, -1, 1), padding=(r, 0))
+
+    drift = blur(d.float() * m) / blur(m).clamp_min(1e-6)
+    return (d - drift) * m
+
+
+def local_residual(restored: Tensor, x: Tensor) -> Tensor:
+    """The signed residual restored - x (B, 1, H, W) without its slow drift (``without_drift`` over the head,
+    x > 0): its darker-than-expected part plus BRIGHT_WEIGHT x its brighter part.
+
+    Another scanner's healthy tissue differs from the training scans' on the scale of the head (a receive
+    coil's bias, another grey/white contrast), and a model of healthy brains redraws it in the training
+    scans' way: a residual that covers whole lobes. A lesion departs on its own, smaller scale. On T1 a tumour
+    is mostly darker than expected, parts of it (and of its oedema) brighter.
+    """
+    d = without_drift(restored.float() - x.float(), x > 0)
+    return d.clamp_min(0) + BRIGHT_WEIGHT * (-d).clamp_min(0)
+
+
+def residual_local(b: ScoreBatch) -> Tensor:
+    """``local_residual`` of the mean reconstruction."""
+    return local_residual(b.x_hat, b.x)
+
+
 @torch.no_grad()
 def recon_prob(b: ScoreBatch) -> Tensor:
     """Reconstruction probability (An & Cho 2015) as a per-pixel NLL in nats, averaged over L samples.
@@ -178,6 +217,9 @@ RECONSTRUCTION_SCORES = {
     "residual_neg_smooth": Score(residual_neg_smooth, f"(G * (x_hat - x))+: the signed residual smoothed (Gaussian, "
                                                       f"sigma {SMOOTH_SIGMA:g} px) before rectification, so thin dark "
                                                       "structures a blurry reconstruction cannot draw cancel"),
+    "residual_local": Score(residual_local, f"(x_hat - x) without its slow drift (its Gaussian mean over the head, "
+                                            f"sigma {DRIFT_SIGMA:g} px): the darker part + {BRIGHT_WEIGHT:g} x "
+                                            f"the brighter part"),
     "recon_prob": Score(recon_prob, "reconstruction probability (An & Cho 2015): per-pixel NLL averaged over L "
                                     "posterior samples", details=recon_prob_details),
 }
