@@ -46,11 +46,6 @@ class DAEConfig(BaseConfig):
     # contrast (0 = off). The network then keeps a slice's own contrast instead of redrawing it as the training
     # scanner's: healthy tissue from another scanner leaves less residual.
     gamma_std: float = 0.0
-    # Training only: each slice multiplied by a smooth random field exp(f), f drawn with std bias_std on a
-    # BIAS_RES x BIAS_RES grid and upsampled (a bias field, as a receive coil leaves; 0 = off), input and target
-    # alike. The network then keeps a slice's own slow intensity drift instead of redrawing it flat: a scanner
-    # whose periphery is brighter than the training scans' leaves no residual there.
-    bias_std: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,24 +57,18 @@ class DAEConfig(BaseConfig):
         check(1 <= self.noise_res <= self.image_size, f"noise_res must be in [1, image_size], got {self.noise_res}")
         check(self.noise_std > 0, "noise_std must be > 0")
         check(self.gamma_std >= 0, "gamma_std must be >= 0")
-        check(self.bias_std >= 0, "bias_std must be >= 0")
 
 
 RESTORE_PASSES = 3  # restoration_local: the denoiser applied this many times (chosen on the validation cases)
-BIAS_RES = 3  # the bias field's grid: it varies on the scale of the head, slower than any lesion
-
-
-def smooth_field(x: Tensor, res: int, std: float, generator: torch.Generator | None = None) -> Tensor:
-    """Gaussian values (std ``std``) drawn on a res x res grid per slice, upsampled bilinearly to x's
-    (B, 1, H, W): float32."""
-    g = torch.randn((len(x), 1, res, res), generator=generator, device=generator.device if generator else x.device)
-    return F.interpolate(g.to(x.device, torch.float32) * std, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def coarse_noise(x: Tensor, res: int, std: float, generator: torch.Generator | None = None) -> Tensor:
     """Gaussian noise drawn on a res x res grid, upsampled bilinearly to x's (B, 1, H, W), zero where x is 0
     (outside the head of a skull-stripped slice)."""
-    return smooth_field(x, res, std, generator) * (x > 0)
+    g = torch.randn((len(x), 1, res, res), generator=generator, device=generator.device if generator else x.device)
+    noise = F.interpolate(g.to(x.device, torch.float32) * std, size=x.shape[-2:], mode="bilinear",
+                          align_corners=False)
+    return noise * (x > 0)
 
 
 class UNet(nn.Module):
@@ -134,8 +123,6 @@ class DAE(BrainModel):
         if self.training and self.config.gamma_std > 0:  # a random contrast: the target changes with the input
             gamma = torch.exp(torch.randn(len(x), 1, 1, 1, device=x.device) * self.config.gamma_std)
             x = x.float().clamp_min(0).pow(gamma)  # background 0 stays 0, [0, 1] stays [0, 1]
-        if self.training and self.config.bias_std > 0:  # a smooth multiplicative field, target alike
-            x = (x.float() * smooth_field(x, BIAS_RES, self.config.bias_std).exp()).clamp(0, 1)
         noisy = x + coarse_noise(x, self.config.noise_res, self.config.noise_std, g)
         recon = self.denoise(noisy)
         mse = (recon.float() - x.float()).pow(2).flatten(1).sum(1)  # (B,)
