@@ -55,3 +55,16 @@ $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-20m --bas
 # The same dae on BraTS smoothed to IXI's 2 mm resolution before resampling.
 $B anomaly runs/dae-20m --data datasets/brats-t1-mni-res2 --baseline runs/ae-6m --healthy datasets/ixi-t1-mni \
     --out runs/anomaly-brats-res2 --force --quiet
+
+# Session 13 (a CPU without native bf16: the daes train in fp32, about 550 steps in 20 minutes): the dae's
+# residual without its slow drift (residual_local) and after 3 passes (restoration_local), compared with
+# residual_neg on the validation cases only; a dae with 4 x 4 training noise (dae-r4g3) beside dae-r8g3.
+dae_cfg r4g3 4 0.3 0.3
+[ -f runs/dae-r4g3/summary.json ] || $B train runs/cfg/dae-r4g3.toml --data datasets/ixi-t1-mni --out runs/dae-r4g3 --budget 20m --quiet
+.venv/bin/python benchmarks/bench_anomaly_across.py --data datasets/brats-t1-mni --runs runs/dae-r8g3 runs/dae-r4g3 \
+    --scores residual_neg residual_local restoration_local --across 1 11 --out benchmarks/results/anomaly/local_val.json
+.venv/bin/python benchmarks/bench_local_residual.py --run runs/dae-r8g3 --data datasets/brats-t1-mni \
+    --healthy datasets/ixi-t1-mni --out benchmarks/results/anomaly/local_grid_val.json
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-r8g3 --baseline runs/dae-r4g3 \
+    --baseline runs/fae-10m --baseline runs/ae-6m --across 11 --healthy datasets/ixi-t1-mni \
+    --out runs/anomaly-brats-v3 --force --quiet
