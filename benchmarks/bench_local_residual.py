@@ -1,6 +1,6 @@
 """The settings of ``residual_local`` / ``restoration_local`` (issue 14; not a test), on the VALIDATION cases
 only: for one dae run, the signed residual of its restoration after k passes (``DAE.restore``), without its
-slow drift at Gaussian scale sigma (``scoring.without_drift``; 0 = kept), darker part + w x brighter part,
+slow drift at Gaussian scale sigma (``scoring.local_residual``; 0 = kept), darker part + w x brighter part,
 post-processed as ``brainvae anomaly --across 11`` does. Per setting: the validation cases' Dice at their own
 best threshold, AUPRC and AUROC, and the label-free threshold's Dice (it flags 1 % of the healthy store's
 validation pixels) with its false-positive rate on the cases' normal tissue. No test case is scored.
@@ -22,10 +22,10 @@ from brainvae import generate as G
 from brainvae.data.dataset import SliceBatches
 from brainvae.data.resize import resize_masks
 from brainvae.data.store import SliceStore
-from brainvae.evaluate.anomaly import AnomalyConfig, load_slices, select_cases
+from brainvae.evaluate.anomaly import AnomalyConfig, load_slices, select_cases, slice_images
 from brainvae.evaluate.anomaly_metrics import best_dice, dice_at, label_free_threshold, pixel_auprc, pixel_auroc
 from brainvae.evaluate.anomaly_scores import eroded_mask, postprocess, slice_runs
-from brainvae.models.scoring import without_drift
+from brainvae.models.scoring import local_residual
 from brainvae.provenance import provenance
 
 # (passes k, drift sigma px (0: kept), brighter-part weight w): one change at a time from plain residual_neg,
@@ -40,20 +40,18 @@ def restorations(model, images: np.ndarray, passes: int) -> np.ndarray:
     """(N, H, W) -> (passes, N, H, W): the restoration after 1..passes passes."""
     out = []
     for s in range(0, len(images), 64):
-        x = torch.from_numpy(images[s:s + 64])[:, None].float()
-        head, steps = x > 0, []
+        x, steps = torch.from_numpy(images[s:s + 64])[:, None].float(), []
         for _ in range(passes):
-            x = model.denoise(x) * head
+            x = model.restore(x, passes=1)  # one pass more (restore feeds its output back the same way)
             steps.append(x[:, 0].numpy())
         out.append(np.stack(steps))
     return np.concatenate(out, 1)
 
 
 def local_score(images, restored, sigma: float, w: float) -> np.ndarray:
+    """(N, H, W) ``local_residual`` with these settings."""
     x, r = torch.from_numpy(images)[:, None], torch.from_numpy(restored)[:, None]
-    d = (r - x) if not sigma else without_drift(r - x, x > 0, sigma)
-    d = d * (x > 0)
-    return (d.clamp_min(0) + w * (-d).clamp_min(0))[:, 0].numpy()
+    return local_residual(r, x, sigma, w)[:, 0].numpy()
 
 
 def main() -> None:
@@ -74,10 +72,8 @@ def main() -> None:
     images, brain, cases, runs = d.images[v], d.brain[v], d.cases[v], d.runs[v]
     truth, region = (d.lesion[v] > 0) & brain, d.region[v]
     healthy = SliceStore(args.healthy)
-    hb = SliceBatches(healthy, "val", d.size, model.device)
     h_rows = healthy.indices("val")
-    h_images = np.concatenate([hb.batch(np.arange(s, min(s + 256, len(hb))))[0][:, 0].numpy()
-                               for s in range(0, len(hb), 256)])
+    h_images = slice_images(SliceBatches(healthy, "val", d.size, model.device))
     h_brain = resize_masks(healthy.array("brain")[h_rows], d.size)
     h_subjects = healthy.manifest["subject"].iloc[h_rows].astype(str).to_numpy()
     h_runs = slice_runs(h_subjects, healthy.manifest["slice_index"].iloc[h_rows].to_numpy())

@@ -502,14 +502,18 @@ def load_slices(store: SliceStore, cfg: AnomalyConfig, rows: np.ndarray, val: li
                 lesion: np.ndarray, model) -> Slices:
     """The scored slices with their images, brain and lesion masks at the model's size (as it sees them)."""
     size = model.config.image_size
-    data = SliceBatches(store, cfg.split, size, model.device)
-    images = np.concatenate([data.batch(np.arange(s, min(s + 256, len(data))))[0][:, 0].cpu().numpy()
-                             for s in range(0, len(data), 256)])
+    images = slice_images(SliceBatches(store, cfg.split, size, model.device))
     brain = resize_masks(store.array("brain")[rows], size)
     manifest = store.manifest.iloc[rows].reset_index(drop=True)
     cases = manifest["subject"].astype(str).to_numpy()
     return Slices(store, rows, manifest, cases, val, test, images, brain, resize_masks(lesion, size),
                   eroded_mask(brain, cfg.post.erode), slice_runs(cases, manifest["slice_index"].to_numpy()))
+
+
+def slice_images(data: SliceBatches, chunk: int = 256) -> np.ndarray:
+    """Every slice of ``data`` as the model sees it: (N, H, W) float32, read ``chunk`` slices at a time."""
+    return np.concatenate([data.batch(np.arange(s, min(s + chunk, len(data))))[0][:, 0].cpu().numpy()
+                           for s in range(0, len(data), chunk)])
 
 
 def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig) -> dict:

@@ -48,14 +48,17 @@ DRIFT_SIGMA = 32.0
 BRIGHT_WEIGHT = 0.25
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, 1, H, W)."""
+def gaussian_blur(x: Tensor, sigma: float, padding: str = "reflect") -> Tensor:
+    """Separable Gaussian blur of (B, 1, H, W); beyond the border the image is reflected, or ``padding="zeros"``
+    (any kernel size: a wide blur of a small image cannot reflect)."""
     if sigma <= 0:
         return x
     r = max(1, int(3 * sigma))
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
+    if padding == "zeros":
+        return F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, r)), k.view(1, 1, -1, 1), padding=(r, 0))
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
@@ -129,29 +132,25 @@ def without_drift(d: Tensor, inside: Tensor, sigma: float = DRIFT_SIGMA) -> Tens
     """d (B, 1, H, W) minus its slow drift, inside ``inside`` (0 elsewhere): the drift is d's Gaussian-weighted
     mean (sigma px) over the pixels inside, so the head's edge does not pull it towards 0."""
     m = inside.float()
-    r = max(1, int(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=torch.float32, device=d.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-
-    def blur(a: Tensor) -> Tensor:  # separable, zero outside the image (inside-pixels only, via m)
-        a = F.conv2d(a, k.view(1, 1, 1, -1), padding=(0, r))
-        return F.conv2d(a, k.view(1, 1, -1, 1), padding=(r, 0))
-
-    drift = blur(d.float() * m) / blur(m).clamp_min(1e-6)
+    drift = gaussian_blur(d.float() * m, sigma, "zeros") / gaussian_blur(m, sigma, "zeros").clamp_min(1e-6)
     return (d - drift) * m
 
 
-def local_residual(restored: Tensor, x: Tensor) -> Tensor:
-    """The signed residual restored - x (B, 1, H, W) without its slow drift (``without_drift`` over the head,
-    x > 0): its darker-than-expected part plus BRIGHT_WEIGHT x its brighter part.
+def local_residual(restored: Tensor, x: Tensor, sigma: float = DRIFT_SIGMA,
+                   bright_weight: float = BRIGHT_WEIGHT) -> Tensor:
+    """The signed residual restored - x (B, 1, H, W) over the head (x > 0), without its slow drift at scale
+    ``sigma`` (``without_drift``; 0: kept): its darker-than-expected part plus ``bright_weight`` x its brighter
+    part.
 
     Another scanner's healthy tissue differs from the training scans' on the scale of the head (a receive
     coil's bias, another grey/white contrast), and a model of healthy brains redraws it in the training
     scans' way: a residual that covers whole lobes. A lesion departs on its own, smaller scale. On T1 a tumour
     is mostly darker than expected, parts of it (and of its oedema) brighter.
     """
-    d = without_drift(restored.float() - x.float(), x > 0)
-    return d.clamp_min(0) + BRIGHT_WEIGHT * (-d).clamp_min(0)
+    head = x > 0
+    d = restored.float() - x.float()
+    d = without_drift(d, head, sigma) if sigma > 0 else d * head
+    return d.clamp_min(0) + bright_weight * (-d).clamp_min(0)
 
 
 def residual_local(b: ScoreBatch) -> Tensor:
