@@ -14,7 +14,8 @@ Variants (each one idea, all label-free):
   pixel is, in units of their spread;
 * ``noised``: the dae's own training noise added (4 draws), then ``restore`` (3 passes), averaged;
 * ``inpainting``: every 32 x 32 patch (stride 16) set to 0 and redrawn by the dae from its surroundings (a dae
-  trained with ``hole = 32`` learns that), the redrawn patches averaged;
+  trained with ``hole = 32`` learns that: the option existed in commit 151fe05 only, reverted after this
+  measurement), the redrawn patches averaged;
 * ``pair``: the dae's score plus another model's (each divided by its 99th percentile), and their mean rank;
 * ``ldm_patchwise``: the ldm's restoration with the latent prior one latent patch at a time (8 x 8 latent
   cells, 32 px): only the patch is moved towards noise; the rest is put back on the path at every step
@@ -137,7 +138,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="a dae run")
     ap.add_argument("--data", type=Path, required=True, help="store with lesion masks (e.g. BraTS)")
     ap.add_argument("--healthy", type=Path, required=True, help="healthy store (its val and train splits)")
-    ap.add_argument("--inpainting-run", type=Path, help="a dae trained with hole > 0")
+    ap.add_argument("--inpainting-run", type=Path, help="a dae trained with hole > 0 (commit 151fe05)")
     ap.add_argument("--pair", action="append", default=[], help="RUN:SCORE combined with the dae's scores")
     ap.add_argument("--ldm", help="an ldm run (or shipped name) for the patch-wise restoration")
     ap.add_argument("--across", type=int, default=11)

@@ -88,19 +88,3 @@ def test_contrast_augmentation_changes_input_and_target_together_in_training_onl
     assert torch.allclose(model(x).losses["mse"], plain)  # no augmentation in evaluation
     with pytest.raises(BrainVAEError, match="gamma_std"):
         build("dae", {"image_size": 32, "gamma_std": -0.1})
-
-
-def test_random_holes_cut_one_square_per_slice_around_a_head_pixel():
-    from brainvae.models.dae import random_holes
-
-    x = torch.zeros(3, 1, 32, 32)
-    x[:, :, 8:24, 8:24] = 0.5
-    holes = random_holes(x, 6, torch.Generator().manual_seed(0))
-    assert holes.shape == x.shape and set(holes.unique().tolist()) == {0.0, 1.0}
-    assert holes.flatten(1).sum(1).tolist() == [36.0] * 3
-    assert (holes * (x > 0)).flatten(1).sum(1).min() > 0  # each square covers head pixels
-    model = build("dae", {"image_size": 32, "channels": (8, 16), "hole": 6})
-    model.train()
-    assert model(x).losses["loss"].shape == (3,)
-    with pytest.raises(BrainVAEError, match="hole"):
-        build("dae", {"image_size": 32, "hole": 32})

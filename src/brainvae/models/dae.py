@@ -46,9 +46,6 @@ class DAEConfig(BaseConfig):
     # contrast (0 = off). The network then keeps a slice's own contrast instead of redrawing it as the training
     # scanner's: healthy tissue from another scanner leaves less residual.
     gamma_std: float = 0.0
-    # Training only (experiment, issue 14): a hole x hole square centred on a random head pixel of each slice set
-    # to 0, so the network learns to redraw (inpaint) a region from its surroundings (0 = off).
-    hole: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +57,6 @@ class DAEConfig(BaseConfig):
         check(1 <= self.noise_res <= self.image_size, f"noise_res must be in [1, image_size], got {self.noise_res}")
         check(self.noise_std > 0, "noise_std must be > 0")
         check(self.gamma_std >= 0, "gamma_std must be >= 0")
-        check(0 <= self.hole < self.image_size, f"hole must be in [0, image_size), got {self.hole}")
 
 
 RESTORE_PASSES = 3  # restoration_local: the denoiser applied this many times (chosen on the validation cases)
@@ -73,20 +69,6 @@ def coarse_noise(x: Tensor, res: int, std: float, generator: torch.Generator | N
     noise = F.interpolate(g.to(x.device, torch.float32) * std, size=x.shape[-2:], mode="bilinear",
                           align_corners=False)
     return noise * (x > 0)
-
-
-def random_holes(x: Tensor, side: int, generator=None) -> Tensor:
-    """(B, 1, H, W) float mask: one side x side square per slice, centred on a random head pixel."""
-    B, _, H, W = x.shape
-    mask = torch.zeros_like(x, dtype=torch.float32)
-    for i in range(B):
-        ys, xs = torch.nonzero(x[i, 0] > 0, as_tuple=True)
-        if len(ys) == 0:
-            continue
-        j = int(torch.randint(len(ys), (1,), generator=generator, device=generator.device if generator else "cpu"))
-        y0 = min(max(int(ys[j]) - side // 2, 0), H - side); x0 = min(max(int(xs[j]) - side // 2, 0), W - side)
-        mask[i, 0, y0:y0 + side, x0:x0 + side] = 1
-    return mask
 
 
 class UNet(nn.Module):
@@ -142,8 +124,6 @@ class DAE(BrainModel):
             gamma = torch.exp(torch.randn(len(x), 1, 1, 1, device=x.device) * self.config.gamma_std)
             x = x.float().clamp_min(0).pow(gamma)  # background 0 stays 0, [0, 1] stays [0, 1]
         noisy = x + coarse_noise(x, self.config.noise_res, self.config.noise_std, g)
-        if self.config.hole:
-            noisy = noisy * (1 - random_holes(x, self.config.hole, g))
         recon = self.denoise(noisy)
         mse = (recon.float() - x.float()).pow(2).flatten(1).sum(1)  # (B,)
         return Output(recon, None, {"loss": mse, "mse": mse})
