@@ -132,3 +132,34 @@ def test_sampling_outside_the_training_ages_warns(tiny_run, tiny_store, tmp_path
     export_model(tiny_run, tmp_path / "exported")
     assert json.loads((tmp_path / "exported" / "summary.json").read_text())["train_ages"] == ages
     assert "outside the ages" in RunDir.resolve(tmp_path / "exported").age_warning(ages[0] - 5)
+
+
+def test_export_of_a_restoration_model_cards_its_anomaly_figures(tiny_store, tmp_path):
+    """A dae cannot sample: its card says how to score with it, and reports the run's anomaly evaluation (the
+    primary score first) from a summary without the per-case detail, written beside the card."""
+    cfg = RunConfig(model={"arch": "dae", "image_size": 32, "channels": [8, 16]},
+                    train=TrainConfig(steps=2, batch_size=8, val_batches=1, precision="fp32"))
+    run = tmp_path / "dae"
+    train(run, tiny_store, cfg, progress=False)
+    export_model(run, tmp_path / "bare")
+    card = (tmp_path / "bare" / "MODEL_CARD.md").read_text()
+    assert "brainvae anomaly bare --data STORE" in card and "brainvae sample" not in card
+    assert "run `brainvae anomaly` on the run" in card and "memorisation" not in card
+    assert not (tmp_path / "bare" / "anomaly.json").exists()
+
+    row = {"pixel_auroc": 0.81, "pixel_auprc": 0.47, "dice": 0.44, "val_dice": 0.3, "per_case": {"c1": {}},
+           "label_free": {"dice": 0.41}, "case_detection": {"auroc": 1.0, "case_scores": {"c1": 2.0}}}
+    (run / "anomaly").mkdir()
+    (run / "anomaly" / "metrics.json").write_text(json.dumps({
+        "store": "brats", "cases": {"validation": ["v1"], "test": ["t1", "t2"]}, "primary_score": "model/restoration_local",
+        "scores": {"model/residual": {**row, "dice": 0.2}, "model/restoration_local": row}}))
+    export_model(run, tmp_path / "scored", name="scored")
+    card = (tmp_path / "scored" / "MODEL_CARD.md").read_text()
+    assert "\n\n\n" not in card and "Not evaluated" not in card
+    assert "2 test cases, threshold and primary score chosen on 1 validation cases" in card
+    table = [line for line in card.splitlines() if line.startswith("| ")][1:]
+    assert table[0] == "| **model/restoration_local** (primary) | 0.81 | 0.47 | 0.44 | 0.41 | 1 |"
+    assert table[1].startswith("| model/residual | 0.81 | 0.47 | 0.2 |")
+    shipped = json.loads((tmp_path / "scored" / "anomaly.json").read_text())
+    assert shipped["primary_score"] == "model/restoration_local"
+    assert shipped["scores"]["model/residual"]["label_free_dice"] == 0.41 and "per_case" not in json.dumps(shipped)

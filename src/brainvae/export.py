@@ -6,6 +6,8 @@ Writes, atomically: ``checkpoints/best.safetensors`` holding only the EMA
 weights of the run's best checkpoint (half the size of a training checkpoint),
 the run's ``config.toml``, ``provenance.json`` and ``summary.json``, the eval
 metrics when the run has them (``eval/metrics.json`` without its figure list),
+the summary of its anomaly evaluation when it has one (``anomaly.json``, from
+``anomaly/metrics.json``: every score's test figures, not the per-case detail),
 and ``MODEL_CARD.md`` generated from those files: training data, preprocessing,
 training length and hardware, measured quality, licence, intended use and
 limitations. Every number in the card is read from the run's own files.
@@ -23,7 +25,7 @@ from .config import RunConfig, load_config, replace, save_config
 from .data.store import SliceStore
 from .errors import BrainVAEError
 from .io.atomic import atomic_dir
-from .models.registry import build, config_dict
+from .models.registry import build, config_dict, lookup
 from .rundir import CHECKPOINTS, RunDir
 from .train.checkpoint import load_model, read_metadata, save_weights
 
@@ -68,17 +70,52 @@ def training_lines(summary: dict, indent: str = "  ") -> list[str]:
     return lines
 
 
+ANOMALY_FIGURES = ("pixel_auroc", "pixel_auprc", "dice", "val_dice")  # kept per score in anomaly.json
+
+
+def anomaly_summary(metrics: dict) -> dict:
+    """``anomaly/metrics.json`` without its per-case and per-slice detail: the store, the cases, the primary
+    score, and each score's test figures, label-free Dice and case-level AUROC."""
+    scores = {key: {**{k: r.get(k) for k in ANOMALY_FIGURES},
+                    "label_free_dice": _get(r, ("label_free", "dice")),
+                    "case_auroc": _get(r, ("case_detection", "auroc"))}
+              for key, r in metrics.get("scores", {}).items()}
+    return {"store": metrics.get("store"), "cases": metrics.get("cases"), "postprocess": metrics.get("postprocess"),
+            "primary_score": metrics.get("primary_score"), "primary_selection": metrics.get("primary_selection"),
+            "scores": scores}
+
+
+def anomaly_lines(summary: dict) -> list[str]:
+    """The card's table of an anomaly evaluation (``anomaly_summary``): the primary score first."""
+    primary = summary.get("primary_score")
+    cases = summary.get("cases") or {}
+    lines = [f"Anomaly localisation on `{summary.get('store')}`: {len(cases.get('test', []))} test cases, "
+             f"threshold and primary score chosen on {len(cases.get('validation', []))} validation cases "
+             f"(`brainvae anomaly`).", "",
+             "| score | pixel AUROC | AUPRC | Dice (validation threshold) | label-free Dice | case AUROC |",
+             "|---|---|---|---|---|---|"]
+    order = sorted(summary.get("scores", {}).items(), key=lambda kv: kv[0] != primary)
+    for key, r in order:
+        label = f"**{key}** (primary)" if key == primary else key
+        lines.append(f"| {label} | {_fmt(r['pixel_auroc'])} | {_fmt(r['pixel_auprc'])} | {_fmt(r['dice'])} "
+                     f"| {_fmt(r['label_free_dice'])} | {_fmt(r['case_auroc'])} |")
+    return lines
+
+
 def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | None = None,
-               limitations: tuple[str, ...] = ()) -> str:
+               limitations: tuple[str, ...] = (), anomaly: dict | None = None) -> str:
     cfg = load_config(RunConfig, run.config_file)
+    generative = lookup(cfg.arch)[0].generative
     prov = run.provenance()
     summary = run.summary()
     store_cfg = prov.get("store_config", {})
     hw = prov.get("hardware", {})
+    use = (f"`brainvae sample {name} -n 64 --out DIR`" if generative else
+           f"`brainvae anomaly {name} --data STORE --out DIR` (it localises anomalies; it does not generate)")
     lines = [f"# {name}", "",
              f"A `{cfg.arch}` model of 2-D brain MR slices, trained with brainvae "
              f"(commit {prov.get('git_commit') or 'unknown'}). Load it with `brainvae.load(\"{name}\")` or "
-             f"`brainvae sample {name} -n 64 --out DIR`.", "",
+             f"{use}.", "",
              "## Training data", ""]
     store = prov.get("store")
     if store and Path(store).exists():
@@ -124,13 +161,17 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
             lines.append(f"| CSF fraction slope per decade at mid-brain (floor: real, 95 % CI {lo:.4f}–{hi:.4f}) "
                          f"| {_fmt(age['sample_slope'])} | {_fmt(age['real_slope'])} |")
         lines += ["", f"n = {metrics.get('n')} samples and real test slices; sampler {metrics.get('sampler') or 'the defaults'}."]
-    else:
-        lines.append("Not evaluated (run `brainvae evaluate` on the run before exporting).")
+    elif generative or not anomaly:
+        lines.append("Not evaluated (run `brainvae evaluate` on the run before exporting)." if generative else
+                     "Not evaluated (run `brainvae anomaly` on the run before exporting).")
+    if anomaly:
+        lines += [*([""] if lines[-1] else []), *anomaly_lines(anomaly)]
     lines += ["", "## Intended use and limitations", "",
               "- Research on synthetic data and anomaly detection; not for clinical use.",
               "- Scanners, resolutions, orientations and pathology unlike the training store are outside its "
               "training distribution (see the preprocessing above).",
-              "- Few subjects: samples can sit close to training slices; check memorisation (`brainvae evaluate`).",
+              *(["- Few subjects: samples can sit close to training slices; check memorisation (`brainvae evaluate`)."]
+                if generative else []),
               *([f"- {line}" for line in limitations] if limitations else []), ""]
     return "\n".join(lines)
 
@@ -178,6 +219,8 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
         run_cfg = replace(run_cfg, model=_merge(run_cfg.model, model_overrides))
     metrics_file = Path(metrics) if metrics is not None else rd.eval_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    anomaly_file = rd.anomaly_dir / "metrics.json"
+    anomaly = anomaly_summary(json.loads(anomaly_file.read_text())) if anomaly_file.exists() else None
     with atomic_dir(out, force=force) as tmp:
         (tmp / CHECKPOINTS).mkdir()
         stored = model.to(memory_format=torch.contiguous_format)
@@ -190,7 +233,9 @@ def export_model(run: str | Path, out: str | Path, *, name: str | None = None, f
         _record_train_ages(RunDir(tmp), rd)
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "figures"}, indent=1))
+        if anomaly is not None:
+            (tmp / "anomaly.json").write_text(json.dumps(anomaly, indent=1))
         # the card reads the copies just written (config with the overrides, provenance, summary)
-        (tmp / "MODEL_CARD.md").write_text(model_card(name, RunDir(tmp), metrics, data_note, limitations))
+        (tmp / "MODEL_CARD.md").write_text(model_card(name, RunDir(tmp), metrics, data_note, limitations, anomaly))
     return out
 
