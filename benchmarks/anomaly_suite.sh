@@ -68,3 +68,16 @@ dae_cfg r4g3 4 0.3 0.3
 $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-r8g3 --baseline runs/dae-r4g3 \
     --baseline runs/fae-10m --baseline runs/ae-6m --across 11 --healthy datasets/ixi-t1-mni \
     --out runs/anomaly-brats-v3 --force --quiet
+
+# Session 14 (same machine kind as 13): eight alternatives to the dae's scores on the validation cases only
+# (none adopted), with a dae trained to inpaint (the hole option existed in commit 151fe05 only); then the
+# shipped dae (ixi-t1-128-dae, exported from runs/dae-r8g3) measured with its float16 weights.
+# git checkout 151fe05 -- src/brainvae/models/dae.py  (for dae-hole32; restore afterwards)
+# sed -e 's/^gamma_std = 0.3/gamma_std = 0.3\nhole = 32/' runs/cfg/dae-r8g3.toml > runs/cfg/dae-hole32.toml
+# $B train runs/cfg/dae-hole32.toml --data datasets/ixi-t1-mni --out runs/dae-hole32 --budget 20m --quiet
+.venv/bin/python benchmarks/bench_anomaly_alternatives.py --run runs/dae-r8g3 --data datasets/brats-t1-mni \
+    --healthy datasets/ixi-t1-mni --inpainting-run runs/dae-hole32 --pair runs/fae-10m:feature_ssim \
+    --pair runs/ae-6m:residual_local --pair ixi-t1-128:restoration --ldm ixi-t1-128 \
+    --out benchmarks/results/anomaly/alternatives_val.json
+$B anomaly ixi-t1-128-dae --data datasets/brats-t1-mni --across 11 --healthy datasets/ixi-t1-mni \
+    --out runs/dae-r8g3/anomaly --force --quiet
