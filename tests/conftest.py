@@ -91,3 +91,12 @@ def make_store(path: Path, n_subjects: int = 6, slices: int = 8, size: int = 32,
 @pytest.fixture
 def tiny_store(tmp_path: Path) -> Path:
     return make_store(tmp_path / "store")
+
+
+def pixel_features(x):
+    """A fixed stand-in for a feature net (the perceptual scores' ``ScoreBatch.features``): the image, its 3 x 3
+    mean and its complement, on a grid 2x coarser: (B, 3, H/2, W/2)."""
+    import torch
+    from torch.nn import functional as F
+
+    return F.avg_pool2d(torch.cat([x, F.avg_pool2d(x, 3, 1, 1), 1 - x], 1), 2)

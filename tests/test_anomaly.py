@@ -24,7 +24,7 @@ from brainvae.models import scoring as SC
 from brainvae.models.base import BaseConfig, BrainModel, DiagonalGaussian
 from brainvae.train.checkpoint import save_weights
 
-from conftest import make_store
+from conftest import make_store, pixel_features
 
 runner = CliRunner()
 
@@ -79,19 +79,23 @@ def test_scores_higher_inside_a_synthetic_lesion(stochastic):
         assert list(scores) == list(SC.RECONSTRUCTION_SCORES)
         assert set(model.unavailable_scores()) == set(SC.KL_SCORES)
         assert "deterministic" in model.unavailable_scores()["kl_additive"]
-    batch = SC.ScoreBatch(model, x, None, n_samples=3, generator=torch.Generator().manual_seed(0))
+    batch = SC.ScoreBatch(model, x, None, n_samples=3, generator=torch.Generator().manual_seed(0),
+                          features=pixel_features)
     assert torch.equal(batch.x_hat, healthy.expand_as(x))
     for name, score in scores.items():
         m = score.compute(batch)
         assert m.shape == (2, max(1, len(score.terms)), 32, 32)
         m = m.sum(1, keepdim=True)  # an additive score's terms, unscaled
         signed = {"residual_pos": [1], "residual_neg": [0], "residual_neg_smooth": [0]}.get(name, [0, 1])
-        for b in signed:  # each sign sees its own lesion (residual_local: both)
-            if name == "residual_neg_smooth":  # smoothing spreads the lesion's edge: compare means and the peak
+        for b in signed:  # each sign sees its own lesion (residual_local, the perceptual scores: both)
+            if name == "residual_neg_smooth" or score.needs_features:  # a spread edge: compare means and the peak
                 assert m[b][lesion[b]].mean() > 5 * m[b][~lesion[b]].mean() and lesion[b].flatten()[m[b].argmax()]
             else:
                 assert m[b][lesion[b]].min() > m[b][~lesion[b]].max(), (name, b)
     assert torch.allclose(SC.residual_pos(batch) + SC.residual_neg(batch), SC.residual(batch))
+    assert {n for n, s in scores.items() if s.needs_features} == {"perceptual", "perceptual_neg"}
+    with pytest.raises(ValueError, match="features"):  # a perceptual score without a feature net
+        scores["perceptual"].compute(SC.ScoreBatch(model, x))
     # brightness baselines
     brain = torch.from_numpy(disc() > 0)[None, None]
     assert torch.equal(S.brightness_hyper(x), x)
@@ -134,7 +138,8 @@ def test_every_registered_architecture_gets_its_scores():
         assert ("prior_nll" in scores) == (arch == "vqvae"), arch
         assert (("restoration" in scores) and ("restoration_neg_smooth" in scores)) == (arch == "ldm"), arch
         if arch == "dae":  # no latent: the residuals, no reconstruction probability
-            assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"} | {"restoration_local"}
+            assert set(scores) == set(SC.RECONSTRUCTION_SCORES) - {"recon_prob"} | {"restoration_local",
+                                                                                    "restoration_perceptual"}
             assert "no latent" in model.unavailable_scores()["recon_prob"]
             continue
         if arch == "fae":  # features, not pixels: its own score only
@@ -361,8 +366,12 @@ def test_anomaly_command_end_to_end(tmp_path):
     val, test = metrics["cases"]["validation"], metrics["cases"]["test"]
     assert len(val) == 2 and len(test) == 4 and not set(val) & set(test)
     keys = set(metrics["scores"])
+    perceptual = {n for n, s in SC.RECONSTRUCTION_SCORES.items() if s.needs_features}
     for n in [*SC.RECONSTRUCTION_SCORES, *SC.KL_SCORES]:
-        assert f"model/{n}" in keys and f"baseline/{n}" in keys
+        if n in perceptual:  # no --features: reported as not computed, and why
+            assert f"model/{n}" not in keys and "--features" in metrics["unavailable"][f"baseline/{n}"]
+        else:
+            assert f"model/{n}" in keys and f"baseline/{n}" in keys
     assert {"brightness/hyper", "brightness/hypo"} <= keys
     assert metrics["scores"]["model/kl_additive"]["term_scales"].keys() == {"residual", "kl_gradient"}
     assert metrics["scores"]["model/recon_prob"]["samples"] == 2
@@ -407,6 +416,25 @@ def test_anomaly_command_end_to_end(tmp_path):
         assert det["healthy_test_subjects"] == 1 and det["test_cases"] == len(metrics["cases"]["test"])
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--healthy", tmp_path / "anom", "--out", tmp_path / "y")
     assert r.exit_code == 1 and "has lesion masks" in r.output
+
+    # the perceptual scores, with a fae's in-domain encoder; label-free thresholds for them too
+    fae_cfg = tmp_path / "fae.toml"
+    fae_cfg.write_text('[model]\narch = "fae"\nimage_size = 32\nchannels = [8, 8, 16]\nae_channels = [16, 8]\n\n'
+                       '[train]\nbatch_size = 8\nval_batches = 1\nprecision = "fp32"\n')
+    fae = tmp_path / "fae"
+    r = invoke("train", fae_cfg, "--data", store, "--out", fae, "--steps", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--features", fae, "--healthy", store, "--samples", 1,
+               "--device", "cpu", "--out", tmp_path / "perceptual", "--quiet")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "perceptual" / "metrics.json").read_text())
+    assert metrics["features"] == str(fae) and not any("perceptual" in k for k in metrics["unavailable"])
+    for n in perceptual:
+        entry = metrics["scores"][f"model/{n}"]
+        assert 0 <= entry["pixel_auroc"] <= 1 and "dice" in entry["label_free"]
+    assert metrics["scores"]["model/perceptual_neg"]["term_scales"].keys() == {"perceptual", "residual_neg"}
+    r = invoke("anomaly", run, "--data", tmp_path / "anom", "--features", run, "--out", tmp_path / "z")
+    assert r.exit_code == 1 and "need a fae run" in r.output and "Traceback" not in r.output
 
 
 # -- an architecture registered from outside the package: its own config class and its own score -----
@@ -456,9 +484,11 @@ def test_an_architecture_registered_outside_the_package(tmp_path, monkeypatch):
     summary = evaluate_anomaly(run, tmp_path / "anom", tmp_path / "out",
                                AnomalyConfig(primary="off_level", val_fraction=0.34, n_samples=1), progress=False)
     scores = summary["scores"]
-    assert list(scores) == [*(f"model/{n}" for n in [*SC.RECONSTRUCTION_SCORES, "off_level"]),
+    plain = [n for n, s in SC.RECONSTRUCTION_SCORES.items() if not s.needs_features]  # no --features
+    assert list(scores) == [*(f"model/{n}" for n in [*plain, "off_level"]),
                             "brightness/hyper", "brightness/hypo", "ensemble/rank_mean"]
-    assert set(summary["unavailable"]) == {"model/kl_combined", "model/kl_additive"}
+    assert set(summary["unavailable"]) == {"model/kl_combined", "model/kl_additive", "model/perceptual",
+                                           "model/perceptual_neg"}
     mine, bright = scores["model/off_level"], scores["brightness/hyper"]
     assert mine["description"] == "distance from the expected level" and summary["primary_score"] == "model/off_level"
     for key in ("pixel_auroc", "pixel_auprc", "threshold", "dice", "slice_auroc"):  # |x - 0| is the intensity

@@ -11,6 +11,8 @@ from brainvae.models.dae import coarse_noise
 from brainvae.models.registry import build
 from brainvae.models.scoring import ScoreBatch
 
+from conftest import pixel_features
+
 
 def discs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """Healthy 'brains': discs of random radius and brightness with a little texture, (n, 1, size, size)."""
@@ -52,10 +54,10 @@ def test_a_trained_dae_redraws_a_lesion_as_healthy_tissue():
     lesion[1, :, 16:22, 8:14] = True  # bright
     x[0][lesion[0]] = 0.15
     x[1][lesion[1]] = 0.95
-    batch = ScoreBatch(model, x)
+    batch = ScoreBatch(model, x, features=pixel_features)
     brain = x > 0
     for name, score in model.scores().items():
-        m = score.compute(batch)
+        m = score.compute(batch).sum(1, keepdim=True)  # an additive score's terms, unscaled
         # the local residuals count a brighter part at BRIGHT_WEIGHT: this small net's healthy residual outweighs it
         signed = {"residual_pos": [1], "residual_neg": [0], "residual_neg_smooth": [0], "residual_local": [0],
                   "restoration_local": [0]}.get(name, [0, 1])

@@ -11,6 +11,8 @@ from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.blocks import NoGradInplaceSiLU
 from brainvae.models.registry import architectures, build, make_config
 from brainvae.models.scoring import ScoreBatch
+
+from conftest import pixel_features
 from brainvae.train.checkpoint import load_model, load_weights, save_weights
 
 ARCHS = architectures()
@@ -68,7 +70,8 @@ def test_contract_shapes_and_losses(arch):
     else:  # a restoration model (dae) says so, through the public entry point too
         with pytest.raises(BrainVAEError, match="does not generate"):
             model.generate(3, c)
-    scores = ScoreBatch(model, x, cond, n_samples=2, generator=torch.Generator().manual_seed(2))
+    scores = ScoreBatch(model, x, cond, n_samples=2, generator=torch.Generator().manual_seed(2),
+                        features=pixel_features)
     for name, score in model.scores().items():
         amap = score.compute(scores)  # one map, or an additive score's terms
         assert amap.shape == (4, max(1, len(score.terms)), 32, 32) and torch.isfinite(amap).all(), name

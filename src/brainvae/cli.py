@@ -644,6 +644,9 @@ def anomaly_cmd(
                                                          "label-free thresholds from its val split, case-level "
                                                          "detection against its test split.")] = None,
     fpr: Annotated[float, typer.Option(help="Label-free threshold: share of healthy brain pixels flagged.")] = 0.01,
+    features: Annotated[Optional[Path], typer.Option(help="A fae run: its in-domain encoder's first level feeds "
+                                                          "the perceptual scores (perceptual, perceptual_neg, "
+                                                          "restoration_perceptual).")] = None,
     healthy_slices: Annotated[int, typer.Option(help="Healthy slices scored per split (evenly spaced, in "
                                                      "windows of --across slices).")] = 300,
     precision: Annotated[str, typer.Option(help="Autocast while scoring: auto (bf16 where the CPU has it "
@@ -670,14 +673,15 @@ def anomaly_cmd(
     from .train.engine import resolve_device
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
-    refuse_output_over(out, run, (data, healthy, *(baseline or ())))
+    refuse_output_over(out, run, (data, healthy, *(baseline or ()), *((features,) if features else ())))
     checked_store(run, data, resize)
     if healthy is not None:
         checked_store(run, healthy, resize)
 
     cases = tuple(c.strip() for c in val_cases.split(",") if c.strip()) if val_cases else None
     cfg = AnomalyConfig(baselines=tuple(baseline or ()), val_cases=cases, val_fraction=val_fraction, primary=score,
-                        ensemble=ensemble, healthy=healthy, fpr=fpr, healthy_slices=healthy_slices, nifti=nifti,
+                        ensemble=ensemble, healthy=healthy, fpr=fpr, features=features,
+                        healthy_slices=healthy_slices, nifti=nifti,
                         precision=precision, split=split, n_samples=samples,
                         post=PostProcess(erode=erode, median=median, across=across, min_area=min_area),
                         batch_size=batch_size, seed=seed)

@@ -62,6 +62,7 @@ class AnomalyConfig:
     primary: str = "auto"
     ensemble: int = 3  # the ensemble: mean rank-normalised maps of the k scores best on validation (0: off)
     healthy: Path | str | None = None  # a store of healthy subjects: label-free thresholds and case-level detection
+    features: Path | str | None = None  # a fae run: its encoder's first level feeds the perceptual scores
     fpr: float = 0.01  # label-free threshold: this share of the healthy validation slices' brain pixels flagged
     healthy_slices: int = 300  # at most this many evenly spaced slices of each healthy split are scored
     nifti: bool = True  # write each case's primary score and mask as NIfTI on its source scan (maps/)
@@ -159,24 +160,25 @@ def split_cases(cases: list[str], val_cases: list[str] | None = None, val_fracti
 def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int = 8, batch_size: int = 64,
                 seed: int = 0, brain: np.ndarray | None = None, progress: bool = False, desc: str = "score",
                 rows: np.ndarray | None = None, scales: dict[str, dict[str, float]] | None = None,
-                precision: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+                precision: str = "auto", features=None) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Raw maps (N, H, W) float32 of the model's scores ``names`` for the slices ``rows`` of ``data`` (default:
     all), plus ``"recon"`` (and ``"restored"`` when its scores restore the slices); and the term scales of the
     additive scores (``Score.terms``: see ``add_terms``; ``scales`` given: those are used). ``precision``: autocast
-    as in training (``auto``: bf16 where native)."""
+    as in training (``auto``: bf16 where native). ``features``: the feature net of the perceptual scores
+    (``offered_scores``)."""
     from ..hardware import autocast, autocast_dtype
 
     gen = torch.Generator(device=model.device).manual_seed(seed)
     use_cond = bool(model.config.conditions)
     model = model.for_inference()  # BatchNorm folded: the same maps up to rounding, faster
-    offered = model.scores()
+    offered = offered_scores(model, features)
     dtype = autocast_dtype(precision, model.device)
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     recon, restored, chunks = [], [], {n: [] for n in names}
     starts = range(0, len(rows), batch_size)
     for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress):
         x, cond = data.batch(rows[start:start + batch_size])
-        batch = ScoreBatch(model, x, cond if use_cond else None, n_samples, gen)
+        batch = ScoreBatch(model, x, cond if use_cond else None, n_samples, gen, features)
         with autocast(model.device, dtype):
             recon.append(batch.x_hat[:, 0].cpu().numpy())
             for n in names:
@@ -193,6 +195,25 @@ def score_model(model, data: SliceBatches, names: list[str], *, n_samples: int =
         else:
             out[n] = maps[:, 0]
     return out, used
+
+
+def offered_scores(model, features=None) -> dict:
+    """The model's scores (``model.scores()``) that can be computed: the perceptual ones only with ``features``."""
+    return {n: s for n, s in model.scores().items() if features is not None or not s.needs_features}
+
+
+def feature_net(run: Path | str | None, device):
+    """``--features``: the frozen first encoder level of a ``fae`` run, (B, 1, H, W) -> (B, C, H/2, W/2); None
+    without one."""
+    if run is None:
+        return None
+    from .. import generate as G
+
+    fae = G.load(run, device=device)
+    if not hasattr(fae, "perceptual_features"):
+        raise BrainVAEError(f"--features {run}: a {fae.arch} run; the perceptual scores need a fae run (its encoder "
+                            "trained in-domain on healthy slices)")
+    return fae.for_inference().perceptual_features
 
 
 def add_terms(terms: np.ndarray, names: tuple[str, ...], brain: np.ndarray | None,
@@ -213,17 +234,20 @@ def measure(raw: np.ndarray, d: Slices, cfg: AnomalyConfig) -> tuple[np.ndarray,
     return s, evaluate_score(s, d.lesion, d.brain, d.cases, d.val, d.test, min_area=cfg.post.min_area, seed=cfg.seed)
 
 
-def score_source(scored: Scored, src: Source, d: Slices, cfg: AnomalyConfig, progress: bool) -> None:
-    """Every score ``src``'s model offers, measured; added to ``scored``."""
+def score_source(scored: Scored, src: Source, d: Slices, cfg: AnomalyConfig, progress: bool, features=None) -> None:
+    """Every score ``src``'s model offers, measured; added to ``scored`` (the perceptual ones with ``features``)."""
     model = src.model
-    offered = model.scores()
+    offered = offered_scores(model, features)
     scored.unavailable.update({f"{src.name}/{n}": why for n, why in model.unavailable_scores().items()})
+    scored.unavailable.update({f"{src.name}/{n}": "a perceptual score: needs --features (a fae run)"
+                               for n in model.scores() if n not in offered})
     if not model.stochastic:
         scored.notes.append(f"{src.name} ({model.arch}) is deterministic: recon_prob uses its single code and is "
                             f"r^2 / (2 sigma^2) + const, a monotone function of the residual (same ranking)")
     raw, scales = score_model(model, SliceBatches(d.store, cfg.split, d.size, model.device), list(offered),
                               n_samples=cfg.n_samples, batch_size=cfg.batch_size, seed=cfg.seed, brain=d.brain,
-                              progress=progress, desc=f"score {src.name}", precision=cfg.precision)
+                              progress=progress, desc=f"score {src.name}", precision=cfg.precision,
+                              features=features)
     scored.recons[src.name], scored.term_scales[src.name] = raw["recon"], scales
     if "restored" in raw:
         scored.recons[f"{src.name}:restoration"] = raw.pop("restored")
@@ -323,7 +347,7 @@ def require_healthy(store: SliceStore, cfg: AnomalyConfig) -> None:
                                 "thresholds) and the test split (case-level detection)")
 
 
-def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool) -> dict:
+def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool, features=None) -> dict:
     """With a store of healthy subjects (``cfg.healthy``): for every score of the model and the baselines (and
     the ensemble), the threshold that flags ``cfg.fpr`` of the brain pixels of the store's validation split (no
     lesion mask involved) and its Dice on the test cases, and the AUROC of a volume score (``case_scores``)
@@ -346,7 +370,8 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool)
             raw, _ = score_model(src.model, batches, names, n_samples=cfg.n_samples, batch_size=cfg.batch_size,
                                  seed=cfg.seed, brain=brains[split], progress=progress,
                                  desc=f"score healthy {split} ({src.name})", rows=pick,
-                                 scales=scored.term_scales[src.name], precision=cfg.precision)
+                                 scales=scored.term_scales[src.name], precision=cfg.precision,
+                                 features=features)
             maps[split].update({f"{src.name}/{n}": postprocess(raw[n], region, cfg.post.median, cfg.post.across, runs)
                                 for n in names})
         if scored.ensemble is not None:
@@ -443,15 +468,16 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
     if cfg.healthy is not None:
         require_healthy(SliceStore(cfg.healthy), cfg)
     sources = load_sources(run, cfg, device)
+    features = feature_net(cfg.features, device)
     model = sources[0].model
     d = load_slices(store, cfg, rows, val, test, lesion, model)
     scored = Scored(sources=sources)
     for src in sources:
-        score_source(scored, src, d, cfg, progress)
+        score_source(scored, src, d, cfg, progress, features)
     score_brightness(scored, d, cfg)
     add_ensemble(scored, d, cfg)
     scored.primary = choose_primary(scored, cfg)
-    healthy = score_healthy(scored, d, cfg, progress) if cfg.healthy is not None else None
+    healthy = score_healthy(scored, d, cfg, progress, features) if cfg.healthy is not None else None
     summary = make_summary(run, model, d, scored, cfg)
     summary["healthy"] = healthy
     summary["provenance"] = provenance(seed=cfg.seed, n_samples=cfg.n_samples, device=str(model.device))
@@ -521,6 +547,7 @@ def make_summary(run: Path, model, d: Slices, scored: Scored, cfg: AnomalyConfig
     return {
         "run": str(run), "arch": model.arch, "store": str(d.store.path),
         "baseline_runs": {s.name: str(s.run) for s in scored.sources[1:]},
+        "features": None if cfg.features is None else str(cfg.features),
         "split": cfg.split or "all", "image_size": d.size, "n_slices": int(len(d.rows)),
         "cases": {"validation": d.val, "test": d.test},
         "validation_selection": ("given (--val-cases)" if cfg.val_cases else

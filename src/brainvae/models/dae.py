@@ -14,7 +14,8 @@ residual of the network's output.
 No latent and no sampling: a restoration model, not a generator (``generative = False``): it offers the
 reconstruction residuals, not the reconstruction probability or the KL scores; and ``restoration_local``, the
 drift-free residual (``scoring.local_residual``) of the denoiser applied ``RESTORE_PASSES`` times, each output
-fed back (one pass only partly redraws a large lesion).
+fed back (one pass only partly redraws a large lesion); with a feature net, ``restoration_perceptual`` adds the
+perceptual residual (``scoring.perceptual``) to it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import BrainVAEError
 from .base import BaseConfig, BrainModel, Cond, Output
 from .blocks import ResBlock, conv_bn_act, up_bn_act
 from .registry import register
-from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score, ScoreBatch, local_residual
+from .scoring import KL_SCORES, RECONSTRUCTION_SCORES, Score, ScoreBatch, local_residual, perceptual
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class UNet(nn.Module):
         return self.head(h)
 
 
+def restoration_local(b: ScoreBatch) -> Tensor:
+    """``local_residual`` of the dae's restoration (``DAE.restore``)."""
+    return local_residual(b.model.restorations(b)[0], b.x)
+
+
 @register("dae", DAEConfig)
 class DAE(BrainModel):
     """Denoising U-Net (see the module docstring)."""
@@ -155,9 +161,12 @@ class DAE(BrainModel):
 
     def scores(self) -> dict[str, Score]:
         return {**{n: s for n, s in RECONSTRUCTION_SCORES.items() if n != "recon_prob"},
-                "restoration_local": Score(lambda b: local_residual(b.model.restorations(b)[0], b.x),
-                                           f"residual_local of the denoiser applied {RESTORE_PASSES} times (each "
-                                           f"output fed back) instead of once")}
+                "restoration_local": Score(restoration_local, f"residual_local of the denoiser applied "
+                                                              f"{RESTORE_PASSES} times (each output fed back) "
+                                                              "instead of once"),
+                "restoration_perceptual": Score(lambda b: torch.cat([perceptual(b), restoration_local(b)], 1),
+                                                "perceptual + restoration_local (each over its dataset scale)",
+                                                terms=("perceptual", "restoration_local"), needs_features=True)}
 
     def unavailable_scores(self) -> dict[str, str]:
         why = "dae has no latent or likelihood: no reconstruction probability and no KL gradient"

@@ -178,6 +178,11 @@ class FAE(BrainModel):
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"model": [p for p in self.parameters() if p.requires_grad]}
 
+    def perceptual_features(self, x: Tensor) -> Tensor:
+        """The encoder's first level (B, channels[0], S/2, S/2): what the perceptual scores of other models compare
+        (``brainvae anomaly --features``; ``scoring.perceptual``)."""
+        return self.encoder.levels[0](x)
+
     def features(self, x: Tensor) -> Tensor:
         """Standardised multi-scale features on the middle level's grid: (B, sum(channels), S/4, S/4)."""
         f0, f1, f2 = self.encoder(x)

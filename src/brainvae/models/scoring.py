@@ -24,7 +24,15 @@ posterior with ``sample``/``mode``/``kl``, ``reconstruct``, ``decode_params``):
   (``kl_combined``), and an additive variant (``kl_additive``: the residual
   plus the normalised gradient, each divided by its robust dataset scale, see
   :attr:`Score.terms`). Only for models with a Gaussian posterior trained with a
-  KL term (``model.stochastic``).
+  KL term (``model.stochastic``);
+* the perceptual residual (LPIPS-style: Zhang et al. 2018; used for anomaly maps by
+  Bercea et al. 2023, "Generalizing unsupervised anomaly detection: towards unbiased
+  pathology screening"): how far apart x and x_hat are in the first feature level of a
+  frozen encoder trained in-domain on healthy slices (the ``fae``'s: nothing is
+  downloaded), each position's channel vector scaled to unit length. Texture a
+  reconstruction renders a little differently (a sulcus drawn a pixel off) moves the
+  features less than tissue of another kind does. These scores need the batch's
+  ``features`` (:attr:`Score.needs_features`; ``brainvae anomaly --features FAE_RUN``).
 
 An architecture adds a score of its own by extending ``scores()`` (vqvae: ``prior_nll``).
 """
@@ -69,12 +77,14 @@ class ScoreBatch:
     ``n_samples`` posterior samples, drawn from ``generator``, feed the reconstruction probability.
     """
 
-    def __init__(self, model, x: Tensor, cond=None, n_samples: int = 8, generator: torch.Generator | None = None):
+    def __init__(self, model, x: Tensor, cond=None, n_samples: int = 8, generator: torch.Generator | None = None,
+                 features: Callable[[Tensor], Tensor] | None = None):
         self.model = model
         self.x = x.float()  # (B, 1, H, W)
         self.cond = cond
         self.n_samples = n_samples
         self.generator = generator
+        self.features = features  # a frozen feature net (B, 1, H, W) -> (B, C, h, w), for the perceptual scores
         self.shared: dict[str, Tensor] = {}  # what an architecture's own scores share (e.g. ldm's restorations)
 
     @cached_property
@@ -99,6 +109,7 @@ class Score:
     terms: tuple[str, ...] = ()
     # Facts reported beside the score's metrics, from the model and the number of posterior samples.
     details: Callable[[object, int], dict] | None = None
+    needs_features: bool = False  # computed only with the batch's ``features`` (a perceptual score)
 
 
 # -- the scores -------------------------------------------------------------------------------------
@@ -159,6 +170,21 @@ def residual_local(b: ScoreBatch) -> Tensor:
 
 
 @torch.no_grad()
+def feature_distance(features: Callable[[Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """||u(f(a)) - u(f(b))||^2 over channels, u scaling each position's channel vector to unit length, upsampled
+    bilinearly from the feature grid to a's (B, 1, H, W)."""
+    fa, fb = (f.float() / f.float().pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6) for f in (features(a), features(b)))
+    d = (fa - fb).pow(2).sum(1, keepdim=True)
+    return F.interpolate(d, size=a.shape[-2:], mode="bilinear", align_corners=False) * (a > 0)
+
+
+def perceptual(b: ScoreBatch) -> Tensor:
+    """``feature_distance`` of x and its mean reconstruction in the batch's feature net, over the head."""
+    if b.features is None:
+        raise ValueError("a perceptual score needs the batch's features (ScoreBatch(features=...))")
+    return feature_distance(b.features, b.x, b.x_hat)
+
+
 def recon_prob(b: ScoreBatch) -> Tensor:
     """Reconstruction probability (An & Cho 2015) as a per-pixel NLL in nats, averaged over L samples.
 
@@ -221,6 +247,11 @@ RECONSTRUCTION_SCORES = {
                                             f"the brighter part"),
     "recon_prob": Score(recon_prob, "reconstruction probability (An & Cho 2015): per-pixel NLL averaged over L "
                                     "posterior samples", details=recon_prob_details),
+    "perceptual": Score(perceptual, "distance of x and x_hat in the first level of an in-domain feature encoder "
+                                    "(unit-length channel vectors; LPIPS-style)", needs_features=True),
+    "perceptual_neg": Score(lambda b: torch.cat([perceptual(b), residual_neg(b)], 1),
+                            "perceptual + residual_neg (each over its dataset scale)",
+                            terms=("perceptual", "residual_neg"), needs_features=True),
 }
 # Scores of models with a Gaussian posterior trained with a KL term (``model.stochastic``).
 KL_SCORES = {
