@@ -79,5 +79,10 @@ $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline runs/dae-r8g3 --ba
     --healthy datasets/ixi-t1-mni --inpainting-run runs/dae-hole32 --pair runs/fae-10m:feature_ssim \
     --pair runs/ae-6m:residual_local --pair ixi-t1-128:restoration --ldm ixi-t1-128 \
     --out benchmarks/results/anomaly/alternatives_val.json
-$B anomaly ixi-t1-128-dae --data datasets/brats-t1-mni --across 11 --healthy datasets/ixi-t1-mni \
-    --out runs/dae-r8g3/anomaly --force --quiet
+# The perceptual scores (--features: the fae's encoder), one test run of every scorer, then the shipped pair
+# (ixi-t1-128-fae: exported from runs/fae-10m) measured with its float16 weights for the dae's card.
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline ixi-t1-128-dae --baseline runs/fae-10m \
+    --baseline runs/ae-6m --features runs/fae-10m --across 11 --healthy datasets/ixi-t1-mni \
+    --out runs/anomaly-brats-v4 --force --quiet
+$B anomaly ixi-t1-128-dae --data datasets/brats-t1-mni --features ixi-t1-128-fae --across 11 \
+    --healthy datasets/ixi-t1-mni --out runs/dae-r8g3/anomaly --force --quiet

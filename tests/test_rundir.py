@@ -152,11 +152,13 @@ def test_export_of_a_restoration_model_cards_its_anomaly_figures(tiny_store, tmp
     (run / "anomaly").mkdir()
     (run / "anomaly" / "metrics.json").write_text(json.dumps({
         "store": "brats", "cases": {"validation": ["v1"], "test": ["t1", "t2"]}, "primary_score": "model/restoration_local",
+        "features": "fae-run",
         "scores": {"model/residual": {**row, "dice": 0.2}, "model/restoration_local": row}}))
     export_model(run, tmp_path / "scored", name="scored")
     card = (tmp_path / "scored" / "MODEL_CARD.md").read_text()
     assert "\n\n\n" not in card and "Not evaluated" not in card
     assert "2 test cases, threshold and primary score chosen on 1 validation cases" in card
+    assert "perceptual scores in the features of `fae-run`" in card
     table = [line for line in card.splitlines() if line.startswith("| ")][1:]
     assert table[0] == "| **model/restoration_local** (primary) | 0.81 | 0.47 | 0.44 | 0.41 | 1 |"
     assert table[1].startswith("| model/residual | 0.81 | 0.47 | 0.2 |")

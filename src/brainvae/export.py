@@ -81,6 +81,7 @@ def anomaly_summary(metrics: dict) -> dict:
                     "case_auroc": _get(r, ("case_detection", "auroc"))}
               for key, r in metrics.get("scores", {}).items()}
     return {"store": metrics.get("store"), "cases": metrics.get("cases"), "postprocess": metrics.get("postprocess"),
+            "features": metrics.get("features"),
             "primary_score": metrics.get("primary_score"), "primary_selection": metrics.get("primary_selection"),
             "scores": scores}
 
@@ -91,7 +92,8 @@ def anomaly_lines(summary: dict) -> list[str]:
     cases = summary.get("cases") or {}
     lines = [f"Anomaly localisation on `{summary.get('store')}`: {len(cases.get('test', []))} test cases, "
              f"threshold and primary score chosen on {len(cases.get('validation', []))} validation cases "
-             f"(`brainvae anomaly`).", "",
+             f"(`brainvae anomaly`" + (f", perceptual scores in the features of `{summary['features']}`"
+                                        if summary.get("features") else "") + ").", "",
              "| score | pixel AUROC | AUPRC | Dice (validation threshold) | label-free Dice | case AUROC |",
              "|---|---|---|---|---|---|"]
     order = sorted(summary.get("scores", {}).items(), key=lambda kv: kv[0] != primary)
