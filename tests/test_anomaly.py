@@ -18,7 +18,7 @@ from brainvae.data.synthetic_anomalies import KINDS, add_anomaly, anomalies_stor
 from brainvae.errors import BrainVAEError
 from brainvae.evaluate import anomaly_metrics as M
 from brainvae.evaluate import anomaly_scores as S
-from brainvae.evaluate.anomaly import AnomalyConfig, evaluate_anomaly, overlay_figure, split_cases
+from brainvae.evaluate.anomaly import AnomalyConfig, evaluate_anomaly, feature_net, overlay_figure, split_cases
 from brainvae.models import registry
 from brainvae.models import scoring as SC
 from brainvae.models.base import BaseConfig, BrainModel, DiagonalGaussian
@@ -435,6 +435,8 @@ def test_anomaly_command_end_to_end(tmp_path):
     assert metrics["scores"]["model/perceptual_neg"]["term_scales"].keys() == {"perceptual", "residual_neg"}
     r = invoke("anomaly", run, "--data", tmp_path / "anom", "--features", run, "--out", tmp_path / "z")
     assert r.exit_code == 1 and "need a fae run" in r.output and "Traceback" not in r.output
+    with pytest.raises(BrainVAEError, match="trained on 32 px slices; the scored model sees 64 px"):
+        feature_net(fae, "cpu", 64)
 
 
 # -- an architecture registered from outside the package: its own config class and its own score -----

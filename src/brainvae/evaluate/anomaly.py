@@ -202,9 +202,9 @@ def offered_scores(model, features=None) -> dict:
     return {n: s for n, s in model.scores().items() if features is not None or not s.needs_features}
 
 
-def feature_net(run: Path | str | None, device):
-    """``--features``: the frozen first encoder level of a ``fae`` run, (B, 1, H, W) -> (B, C, H/2, W/2); None
-    without one."""
+def feature_net(run: Path | str | None, device, size: int):
+    """``--features``: the frozen first encoder level of a ``fae`` run trained on ``size`` px slices, (B, 1, H, W)
+    -> (B, C, H/2, W/2); None without one."""
     if run is None:
         return None
     from .. import generate as G
@@ -213,6 +213,9 @@ def feature_net(run: Path | str | None, device):
     if not hasattr(fae, "perceptual_features"):
         raise BrainVAEError(f"--features {run}: a {fae.arch} run; the perceptual scores need a fae run (its encoder "
                             "trained in-domain on healthy slices)")
+    if fae.config.image_size != size:
+        raise BrainVAEError(f"--features {run}: trained on {fae.config.image_size} px slices; the scored model "
+                            f"sees {size} px")
     return fae.for_inference().perceptual_features
 
 
@@ -468,8 +471,8 @@ def evaluate_anomaly(run: Path | str, data: Path | str, out: Path | str | None =
     if cfg.healthy is not None:
         require_healthy(SliceStore(cfg.healthy), cfg)
     sources = load_sources(run, cfg, device)
-    features = feature_net(cfg.features, device)
     model = sources[0].model
+    features = feature_net(cfg.features, device, model.config.image_size)
     d = load_slices(store, cfg, rows, val, test, lesion, model)
     scored = Scored(sources=sources)
     for src in sources:
