@@ -12,6 +12,10 @@ in the same run:
 * optionally a second run (``--baseline``, e.g. a plain ``ae``: Baur et al. 2021)
   through the identical pipeline.
 
+With ``--features FAE_RUN`` every reconstruction model also offers the perceptual
+scores (``Score.needs_features``): its reconstruction compared with the slice in the
+first level of that fae's encoder, trained in-domain on healthy slices.
+
 Scores: what the model offers (``model.scores()``, ``brainvae.models.scoring``: An &
 Cho 2015; Zimmerer et al. 2018/2019; Baur et al. 2021). Post-processing and the
 brightness baselines: ``anomaly_scores`` (StRegA, Chatterjee et al. 2022). Metrics:
