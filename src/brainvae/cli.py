@@ -673,7 +673,7 @@ def anomaly_cmd(
     from .train.engine import resolve_device
 
     require_lesions(SliceStore(data))  # the data's own problem first, as evaluate_anomaly reports it
-    refuse_output_over(out, run, (data, healthy, *(baseline or ()), *((features,) if features else ())))
+    refuse_output_over(out, run, (data, healthy, features, *(baseline or ())))
     checked_store(run, data, resize)
     if healthy is not None:
         checked_store(run, healthy, resize)

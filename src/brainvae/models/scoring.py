@@ -93,6 +93,13 @@ class ScoreBatch:
         return self.model.reconstruct(self.x, self.cond).float()
 
     @cached_property
+    def perceptual(self) -> Tensor:
+        """``feature_distance`` of x and x_hat in the batch's feature net: (B, 1, H, W), 0 outside the head."""
+        if self.features is None:
+            raise ValueError("a perceptual score needs the batch's features (ScoreBatch(features=...))")
+        return feature_distance(self.features, self.x, self.x_hat)
+
+    @cached_property
     def kl_grad(self) -> Tensor:
         """|dKL/dx|, smoothed and normalised (``kl_gradient``): (B, 1, H, W) in [0, 1]."""
         return kl_gradient(self.model, self.x, self.cond)
@@ -173,16 +180,16 @@ def residual_local(b: ScoreBatch) -> Tensor:
 def feature_distance(features: Callable[[Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
     """||u(f(a)) - u(f(b))||^2 over channels, u scaling each position's channel vector to unit length, upsampled
     bilinearly from the feature grid to a's (B, 1, H, W)."""
-    fa, fb = (f.float() / f.float().pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6) for f in (features(a), features(b)))
+    fa, fb = (f.float() / f.float().pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-6)
+              for f in (features(a), features(b)))
     d = (fa - fb).pow(2).sum(1, keepdim=True)
     return F.interpolate(d, size=a.shape[-2:], mode="bilinear", align_corners=False) * (a > 0)
 
 
 def perceptual(b: ScoreBatch) -> Tensor:
-    """``feature_distance`` of x and its mean reconstruction in the batch's feature net, over the head."""
-    if b.features is None:
-        raise ValueError("a perceptual score needs the batch's features (ScoreBatch(features=...))")
-    return feature_distance(b.features, b.x, b.x_hat)
+    """``feature_distance`` of x and its mean reconstruction in the batch's feature net, over the head (computed
+    once per batch: ``perceptual_neg`` and the dae's ``restoration_perceptual`` add it to a residual)."""
+    return b.perceptual
 
 
 def recon_prob(b: ScoreBatch) -> Tensor:
