@@ -86,3 +86,20 @@ $B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline ixi-t1-128-dae --b
     --out runs/anomaly-brats-v4 --force --quiet
 $B anomaly ixi-t1-128-dae --data datasets/brats-t1-mni --features ixi-t1-128-fae --across 11 \
     --healthy datasets/ixi-t1-mni --out runs/dae-r8g3/anomaly --force --quiet
+
+# Session 15 (same machine kind): the feature net of the perceptual scores trained longer. fae-30m (the shipped
+# config, 30 min) and fae-60m (45 min of encoder training, 15 of autoencoder) against fae-10m, and three
+# calibrations of the label-free threshold, on the validation cases only; fae-30m (best validation Dice) is
+# shipped as ixi-t1-128-fae (export --half), then one test run of every scorer and the shipped pair for the cards.
+[ -f runs/fae-30m/summary.json ] || $B train src/brainvae/configs/fae.toml --data datasets/ixi-t1-mni --out runs/fae-30m --budget 30m --quiet
+[ -f runs/fae-60m/summary.json ] || $B train src/brainvae/configs/fae.toml --data datasets/ixi-t1-mni --out runs/fae-60m --budget 60m \
+    --epochs 200 --set stages.autoencoder.share=0.25 --quiet
+.venv/bin/python benchmarks/bench_anomaly_labelfree.py --run ixi-t1-128-dae --data datasets/brats-t1-mni \
+    --healthy datasets/ixi-t1-mni --features runs/fae-10m --features runs/fae-30m --features runs/fae-60m \
+    --out benchmarks/results/anomaly/labelfree_val.json
+# $B export runs/fae-30m --out src/brainvae/pretrained/ixi-t1-128-fae --name ixi-t1-128-fae --half --force
+$B anomaly ixi-t1-128 --data datasets/brats-t1-mni --baseline ixi-t1-128-dae --baseline ixi-t1-128-fae \
+    --baseline runs/ae-6m --features ixi-t1-128-fae --across 11 --healthy datasets/ixi-t1-mni \
+    --out runs/anomaly-brats-v5 --force --quiet
+$B anomaly ixi-t1-128-dae --data datasets/brats-t1-mni --features ixi-t1-128-fae --across 11 \
+    --healthy datasets/ixi-t1-mni --out runs/dae-r8g3/anomaly --force --quiet

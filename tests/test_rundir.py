@@ -145,7 +145,7 @@ def test_export_of_a_restoration_model_cards_its_anomaly_figures(tiny_store, tmp
     card = (tmp_path / "bare" / "MODEL_CARD.md").read_text()
     assert "brainvae anomaly bare --data STORE" in card and "brainvae sample" not in card
     assert "run `brainvae anomaly` on the run" in card and "memorisation" not in card
-    assert not (tmp_path / "bare" / "anomaly.json").exists()
+    assert not (tmp_path / "bare" / "anomaly.json").exists() and "--features" not in card
 
     row = {"pixel_auroc": 0.81, "pixel_auprc": 0.47, "dice": 0.44, "val_dice": 0.3, "per_case": {"c1": {}},
            "label_free": {"dice": 0.41}, "case_detection": {"auroc": 1.0, "case_scores": {"c1": 2.0}}}
@@ -165,3 +165,13 @@ def test_export_of_a_restoration_model_cards_its_anomaly_figures(tiny_store, tmp
     shipped = json.loads((tmp_path / "scored" / "anomaly.json").read_text())
     assert shipped["primary_score"] == "model/restoration_local"
     assert shipped["scores"]["model/residual"]["label_free_dice"] == 0.41 and "per_case" not in json.dumps(shipped)
+
+
+def test_export_of_a_fae_cards_its_use_as_a_feature_net(tiny_store, tmp_path):
+    """A fae is shipped for its encoder too: its card says how another model's scores use it (--features)."""
+    cfg = RunConfig(model={"arch": "fae", "image_size": 32, "channels": [8, 8, 16], "ae_channels": [16, 8]},
+                    train=TrainConfig(steps=2, batch_size=8, val_batches=1, precision="fp32"))
+    train(tmp_path / "fae", tiny_store, cfg, progress=False)
+    export_model(tmp_path / "fae", tmp_path / "feat", name="feat")
+    card = (tmp_path / "feat" / "MODEL_CARD.md").read_text()
+    assert "brainvae anomaly RUN --data STORE --features feat" in card and "brainvae sample" not in card

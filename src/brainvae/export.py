@@ -107,7 +107,8 @@ def anomaly_lines(summary: dict) -> list[str]:
 def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | None = None,
                limitations: tuple[str, ...] = (), anomaly: dict | None = None) -> str:
     cfg = load_config(RunConfig, run.config_file)
-    generative = lookup(cfg.arch)[0].generative
+    model_cls = lookup(cfg.arch)[0]
+    generative = model_cls.generative
     prov = run.provenance()
     summary = run.summary()
     store_cfg = prov.get("store_config", {})
@@ -174,6 +175,9 @@ def model_card(name: str, run: RunDir, metrics: dict | None, data_note: str | No
               "training distribution (see the preprocessing above).",
               *(["- Few subjects: samples can sit close to training slices; check memorisation (`brainvae evaluate`)."]
                 if generative else []),
+              *([f"- Its encoder is a feature net: `brainvae anomaly RUN --data STORE --features {name}` compares "
+                 "each slice with the scored model's reconstruction in the encoder's first level (the perceptual "
+                 "scores, measured in that model's card)."] if hasattr(model_cls, "perceptual_features") else []),
               *([f"- {line}" for line in limitations] if limitations else []), ""]
     return "\n".join(lines)
 
