@@ -29,12 +29,11 @@ import torch
 
 from brainvae import generate as G
 from brainvae.data.dataset import SliceBatches
-from brainvae.data.resize import resize_masks
 from brainvae.data.store import SliceStore
-from brainvae.evaluate.anomaly import (AnomalyConfig, Ensemble, feature_net, healthy_picks, load_slices, score_model,
+from brainvae.evaluate.anomaly import (AnomalyConfig, Ensemble, feature_net, healthy_split, load_slices, score_model,
                                        select_cases)
 from brainvae.evaluate.anomaly_metrics import best_dice, dice_at, label_free_threshold, pixel_auprc, pixel_auroc
-from brainvae.evaluate.anomaly_scores import eroded_mask, postprocess, slice_runs
+from brainvae.evaluate.anomaly_scores import PostProcess, postprocess
 from brainvae.provenance import provenance
 
 SCORES = ["perceptual_neg", "restoration_perceptual", "perceptual"]
@@ -67,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    cfg = AnomalyConfig()
+    cfg = AnomalyConfig(post=PostProcess(across=args.across))
     store, healthy = SliceStore(args.data), SliceStore(args.healthy)
     dae = G.load(args.run, device="cpu")
     rows, val, test, lesion = select_cases(store, cfg)
@@ -78,12 +77,7 @@ def main() -> None:
     truth = (lesions > 0) & brain
     data = SliceBatches(store, cfg.split, d.size, dae.device)
 
-    pick = healthy_picks(healthy, "val", cfg.healthy_slices, args.across)
-    h_rows = healthy.indices("val")[pick]
-    h_brain = resize_masks(healthy.array("brain")[h_rows], d.size)
-    h_subjects = healthy.manifest["subject"].iloc[h_rows].astype(str).to_numpy()
-    h_runs = slice_runs(h_subjects, healthy.manifest["slice_index"].iloc[h_rows].to_numpy())
-    h_region = eroded_mask(h_brain, cfg.post.erode)
+    h = healthy_split(healthy, "val", d.size, cfg)  # the slices brainvae anomaly --healthy scores
     h_data = SliceBatches(healthy, "val", d.size, dae.device)
 
     out_rows = []
@@ -91,17 +85,17 @@ def main() -> None:
         t0 = time.perf_counter()
         feats = feature_net(fpath, dae.device, d.size)
         raw, scales = score_model(dae, data, SCORES, rows=v, brain=brain, features=feats, seed=cfg.seed)
-        h_raw, _ = score_model(dae, h_data, SCORES, rows=pick, brain=h_brain, features=feats, scales=scales,
+        h_raw, _ = score_model(dae, h_data, SCORES, rows=h.pick, brain=h.brain, features=feats, scales=scales,
                                seed=cfg.seed)
-        maps = {n: postprocess(raw[n], region, cfg.post.median, args.across, runs) for n in SCORES}
-        h_maps = {n: postprocess(h_raw[n], h_region, cfg.post.median, args.across, h_runs) for n in SCORES}
+        maps = {n: postprocess(raw[n], region, cfg.post.median, cfg.post.across, runs) for n in SCORES}
+        h_maps = {n: postprocess(h_raw[n], h.region, cfg.post.median, cfg.post.across, h.runs) for n in SCORES}
         ens = Ensemble.fit(SCORES, maps, region)
-        maps["ensemble"], h_maps["ensemble"] = ens(maps, region), ens(h_maps, h_region)
+        maps["ensemble"], h_maps["ensemble"] = ens(maps, region), ens(h_maps, h.region)
         seconds = round(time.perf_counter() - t0, 1)
         for n in maps:
             for how in ("global", "median", "robust_z"):
-                s, h = calibrate(maps[n], region, cases, how), calibrate(h_maps[n], h_region, h_subjects, how)
-                threshold = label_free_threshold(h, h_brain, cfg.fpr)
+                s, hs = calibrate(maps[n], region, cases, how), calibrate(h_maps[n], h.region, h.subjects, how)
+                threshold = label_free_threshold(hs, h.brain, cfg.fpr)
                 free = dice_at(s, lesions, brain, cases, val, threshold, min_area=cfg.post.min_area)
                 row = {"features": str(fpath), "score": n, "calibration": how,
                        "val_dice": round(best_dice(s[brain], truth[brain])[0], 4),
@@ -115,7 +109,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run": str(args.run), "store": str(args.data), "healthy": str(args.healthy),
                                     "across": args.across, "fpr": cfg.fpr, "validation_cases": val,
-                                    "healthy_val_slices": int(len(pick)), "rows": out_rows,
+                                    "healthy_val_slices": int(len(h.pick)), "rows": out_rows,
                                     "provenance": provenance(command="benchmarks/bench_anomaly_labelfree.py")},
                                    indent=1))
     print(f"-> {args.out}")

@@ -11,9 +11,9 @@ from brainvae.errors import BrainVAEError, InputFileError
 from brainvae.models.blocks import NoGradInplaceSiLU
 from brainvae.models.registry import architectures, build, make_config
 from brainvae.models.scoring import ScoreBatch
+from brainvae.train.checkpoint import load_model, load_weights, save_weights
 
 from conftest import pixel_features
-from brainvae.train.checkpoint import load_model, load_weights, save_weights
 
 ARCHS = architectures()
 

@@ -364,25 +364,22 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool,
     store = SliceStore(cfg.healthy)
     maps, brains, subjects = {}, {}, {}
     for split in ("val", "test"):
+        h = healthy_split(store, split, d.size, cfg)
+        brains[split], subjects[split] = h.brain, h.subjects
         batches = SliceBatches(store, split, d.size, scored.sources[0].model.device)
-        pick = healthy_picks(store, split, cfg.healthy_slices, cfg.post.across)
-        rows = store.indices(split)[pick]
-        brains[split] = resize_masks(store.array("brain")[rows], d.size)
-        subjects[split] = store.manifest["subject"].iloc[rows].astype(str).to_numpy()
-        runs = slice_runs(subjects[split], store.manifest["slice_index"].iloc[rows].to_numpy())
-        region = eroded_mask(brains[split], cfg.post.erode)
         maps[split] = {}
         for src in scored.sources:
             names = [k.split("/", 1)[1] for k in scored.maps if k.startswith(f"{src.name}/")]
             raw, _ = score_model(src.model, batches, names, n_samples=cfg.n_samples, batch_size=cfg.batch_size,
-                                 seed=cfg.seed, brain=brains[split], progress=progress,
-                                 desc=f"score healthy {split} ({src.name})", rows=pick,
+                                 seed=cfg.seed, brain=h.brain, progress=progress,
+                                 desc=f"score healthy {split} ({src.name})", rows=h.pick,
                                  scales=scored.term_scales[src.name], precision=cfg.precision,
                                  features=features)
-            maps[split].update({f"{src.name}/{n}": postprocess(raw[n], region, cfg.post.median, cfg.post.across, runs)
+            maps[split].update({f"{src.name}/{n}": postprocess(raw[n], h.region, cfg.post.median, cfg.post.across,
+                                                               h.runs)
                                 for n in names})
         if scored.ensemble is not None:
-            maps[split][ENSEMBLE] = scored.ensemble(maps[split], region)
+            maps[split][ENSEMBLE] = scored.ensemble(maps[split], h.region)
     test_set = set(d.test)
     for key in scored.maps:
         threshold = label_free_threshold(maps["val"][key], brains["val"], cfg.fpr)
@@ -402,6 +399,26 @@ def score_healthy(scored: Scored, d: Slices, cfg: AnomalyConfig, progress: bool,
             "case_score": "mean of the top 1 % of the volume's in-brain post-processed pixel scores",
             "caveat": "healthy subjects from another store differ from the cases in more than lesions (scanner, "
                       "resolution, preprocessing): case-level AUROC also measures that difference"}
+
+
+class HealthySplit(NamedTuple):
+    """The scored slices of one split of a healthy store (``healthy_picks``), at the model's size."""
+
+    pick: np.ndarray  # (N,) positions among the split's slices (``rows`` of ``score_model``)
+    brain: np.ndarray  # (N, H, W) bool
+    subjects: np.ndarray  # (N,) subject of each slice
+    runs: np.ndarray  # (N,) runs of consecutive slices of one subject (``slice_runs``)
+    region: np.ndarray  # (N, H, W) bool: the eroded brain, where post-processed scores live
+
+
+def healthy_split(store: SliceStore, split: str, size: int, cfg: AnomalyConfig) -> HealthySplit:
+    """``cfg.healthy_slices`` slices of ``split`` in windows of ``cfg.post.across``, with their masks and runs."""
+    pick = healthy_picks(store, split, cfg.healthy_slices, cfg.post.across)
+    rows = store.indices(split)[pick]
+    brain = resize_masks(store.array("brain")[rows], size)
+    subjects = store.manifest["subject"].iloc[rows].astype(str).to_numpy()
+    runs = slice_runs(subjects, store.manifest["slice_index"].iloc[rows].to_numpy())
+    return HealthySplit(pick, brain, subjects, runs, eroded_mask(brain, cfg.post.erode))
 
 
 def healthy_picks(store: SliceStore, split: str, n: int, across: int) -> np.ndarray:
